@@ -1,0 +1,3 @@
+"""kdpipe: declarative pipelines for knowledge distillation and model compression."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,52 @@
+"""The `kdpipe` command: a `@hydra.main` over `conf/config.yaml`. No logic lives here."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from kdpipe.errors import ConfigError
+
+_SOURCE_CONF = Path(__file__).resolve().parent.parent / "conf"
+CONFIG_PATH = str(_SOURCE_CONF) if (_SOURCE_CONF / "config.yaml").is_file() else "pkg://kdpipe.conf"
+
+
+def _quiet_libraries() -> None:
+    """Keep the console for progress bars and the summary: library chatter goes to WARNING."""
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "mlflow", "alembic",
+                 "torch.onnx", "onnx_ir", "onnxscript", "torch._export", "torch.export"):
+        logging.getLogger(name).setLevel(logging.ERROR if name.startswith("torch") else logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # A frozen teacher in eval mode is intended; Lightning warns about it on every fit.
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    """Compose, validate, run; return `cfg.optimized_metric` for Hydra sweepers."""
+    from kdpipe.config import validate
+    from kdpipe.pipeline import run_pipeline
+
+    _quiet_libraries()
+    try:
+        validate(cfg)
+        metrics = run_pipeline(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except ConfigError as exc:
+        print(f"kdpipe: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    return metrics.get(cfg.get("optimized_metric") or "test/acc")
+
+
+if __name__ == "__main__":
+    main()

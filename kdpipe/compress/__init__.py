@@ -1,0 +1,1 @@
+"""Compression: pruning (`prune.py`) and int8 quantization (`quantize.py`)."""

@@ -1,0 +1,68 @@
+"""Checks on a composed config that run before any training starts.
+
+Hydra itself rejects an unknown option in a group (listing the valid ones); these checks catch
+values that compose fine but make no sense, each with a message that says how to fix it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from kdpipe.errors import ConfigError
+from kdpipe.stages.train import is_uri
+
+
+def _check_output_size(role: str, cfg: DictConfig, in_shape: tuple[int, ...], num_classes: int) -> None:
+    arch = OmegaConf.to_container(cfg.model, resolve=True)
+    try:
+        model = instantiate(arch, _convert_="all").eval()
+    except Exception as exc:
+        raise ConfigError(f"{role}.model cannot be built from {arch.get('_target_')}: {exc}") from exc
+    with torch.no_grad():
+        out = model(torch.zeros(2, *in_shape))
+    if out.dim() != 2 or out.shape[-1] != num_classes:
+        raise ConfigError(
+            f"the {role} outputs {tuple(out.shape[1:])} values per sample but data.num_classes={num_classes}; "
+            f"set {role}.model.num_classes=${{data.num_classes}} (the default) or pick a matching model"
+        )
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise `ConfigError` on the first nonsensical value."""
+    data = cfg.data
+    in_shape = (int(data.channels), int(data.height), int(data.width))
+    num_classes = int(data.num_classes)
+
+    distill = cfg.distill
+    if distill.get("temperature") is not None and float(distill.temperature) <= 0:
+        raise ConfigError(f"distill.temperature={distill.temperature} must be > 0 (try 1-16; 4 is a common default)")
+    if distill.get("alpha") is not None and not 0.0 <= float(distill.alpha) <= 1.0:
+        raise ConfigError(f"distill.alpha={distill.alpha} must lie in [0, 1] (the weight of the KD term against CE)")
+
+    prune = cfg.prune
+    if prune.get("sparsity") is not None and not 0.0 <= float(prune.sparsity) < 1.0:
+        raise ConfigError(f"prune.sparsity={prune.sparsity} must lie in [0, 1) (the fraction of weights removed)")
+
+    teacher = cfg.get("teacher")
+    if teacher is None and distill.get("loss") is not None:
+        raise ConfigError("teacher=none leaves nothing to distill from; pick a teacher or use distill=none")
+    if teacher is not None:
+        ckpt = teacher.get("checkpoint")
+        if ckpt and not is_uri(str(ckpt)) and not Path(str(ckpt)).expanduser().is_file():
+            raise ConfigError(f"teacher.checkpoint={ckpt} does not exist; give a file path or an MLflow URI "
+                              f"(runs:/<run_id>/model/model.pt), or null to train the teacher")
+        _check_output_size("teacher", teacher, in_shape, num_classes)
+    _check_output_size("student", cfg.student, in_shape, num_classes)
+
+    if distill.get("loss") is not None:
+        try:
+            instantiate(distill.loss)
+        except Exception as exc:  # hydra wraps the loss's own ConfigError
+            cause = exc
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            raise ConfigError(str(cause)) from exc

@@ -1,0 +1,7 @@
+"""Lightning data modules. Every option of the `data` config group builds one of these."""
+
+from kdpipe.data.base import TensorDataModule
+from kdpipe.data.digits import DigitsDataModule
+from kdpipe.data.synthetic import SyntheticDataModule
+
+__all__ = ["TensorDataModule", "DigitsDataModule", "SyntheticDataModule"]

@@ -1,0 +1,111 @@
+"""A data module over in-memory tensors: seeded splits and train-split normalisation.
+
+Small image classification sets (digits, Fashion-MNIST, CIFAR) fit in memory, so one module
+serves them all: a subclass only says how to load `(images, labels)`.
+"""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from kdpipe.errors import ConfigError
+
+
+class TensorDataModule(pl.LightningDataModule):
+    """Splits `(x, y)` into train/val/test with a seeded permutation and standardises x
+    with the mean and std of the training split only (no test-set leakage)."""
+
+    def __init__(
+        self,
+        channels: int,
+        height: int,
+        width: int,
+        num_classes: int,
+        batch_size: int = 64,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.2,
+        num_workers: int = 0,
+        seed: int = 0,
+        augment: list | None = None,
+    ) -> None:
+        super().__init__()
+        for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if not 0.0 < frac < 1.0:
+                raise ConfigError(f"data.{name}={frac} must lie in (0, 1)")
+        if val_fraction + test_fraction >= 1.0:
+            raise ConfigError("data.val_fraction + data.test_fraction must leave room for a training split")
+        self.in_shape = (channels, height, width)
+        self.num_classes = num_classes
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.num_workers = num_workers
+        self.seed = seed
+        self.augment = list(augment or [])
+        self.train_set: TensorDataset | None = None
+
+    def load(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return all samples as float images `(N, C, H, W)` and int64 labels `(N,)`."""
+        raise TypeError(f"{type(self).__name__} must implement load() or load_splits()")
+
+    def load_splits(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+        """Return predefined splits (`train`, `test`, optionally `val`) when the data ships them."""
+        return None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        splits = self.load_splits()
+        gen = torch.Generator().manual_seed(self.seed)
+        if splits is None:
+            x, y = self.load()
+            perm = torch.randperm(len(y), generator=gen)
+            n_test = int(round(len(y) * self.test_fraction))
+            n_val = int(round(len(y) * self.val_fraction))
+            test_idx, val_idx, train_idx = perm[:n_test], perm[n_test : n_test + n_val], perm[n_test + n_val :]
+            splits = {"train": (x[train_idx], y[train_idx]), "val": (x[val_idx], y[val_idx]),
+                      "test": (x[test_idx], y[test_idx])}
+        elif "val" not in splits:
+            x, y = splits["train"]
+            perm = torch.randperm(len(y), generator=gen)
+            n_val = int(round(len(y) * self.val_fraction))
+            splits["val"] = (x[perm[:n_val]], y[perm[:n_val]])
+            splits["train"] = (x[perm[n_val:]], y[perm[n_val:]])
+        self._check_shape(splits["train"])
+        x_train = splits["train"][0]
+        dims = (0, 2, 3)
+        self.mean = x_train.mean(dim=dims, keepdim=True)
+        self.std = x_train.std(dim=dims, keepdim=True).clamp_min(1e-6)
+        norm = {k: ((x - self.mean) / self.std, y) for k, (x, y) in splits.items()}
+        self.train_set = TensorDataset(*norm["train"])
+        self.val_set = TensorDataset(*norm["val"])
+        self.test_set = TensorDataset(*norm["test"])
+
+    def _check_shape(self, split: tuple[torch.Tensor, torch.Tensor]) -> None:
+        x, y = split
+        if tuple(x.shape[1:]) != self.in_shape:
+            raise ConfigError(
+                f"the data has images of shape {tuple(x.shape[1:])} but the config says "
+                f"channels/height/width = {self.in_shape}; fix data.channels, data.height, data.width"
+            )
+        if int(y.max()) >= self.num_classes:
+            raise ConfigError(f"the data has labels up to {int(y.max())} but data.num_classes={self.num_classes}")
+
+    def example_input(self, batch: int = 1) -> torch.Tensor:
+        return torch.zeros(batch, *self.in_shape)
+
+    def _loader(self, ds: TensorDataset, shuffle: bool, batch_size: int | None = None) -> DataLoader:
+        gen = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(ds, batch_size=batch_size or self.batch_size, shuffle=shuffle,
+                          num_workers=self.num_workers, generator=gen)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False, batch_size=512)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False, batch_size=512)

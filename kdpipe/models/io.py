@@ -1,0 +1,61 @@
+"""The on-disk format of a torch model artefact.
+
+A model file is a plain dict `{"format", "arch", "state_dict"}` saved with `torch.save` and read
+back with `torch.load(weights_only=True)`: no pickled code is ever executed on load, and the
+architecture is rebuilt from its config (`arch` holds the `_target_` and its arguments).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from torch import nn
+
+FORMAT = "kdpipe-torch/1"
+
+
+def save_model(model: nn.Module, arch: dict[str, Any], path: str | Path, **extra: Any) -> Path:
+    """Save weights plus the config that rebuilds the architecture. `extra` entries (tensors,
+    numbers, strings, lists, dicts) are stored beside them, e.g. a pruned model's structure."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"format": FORMAT, "arch": arch, "state_dict": model.state_dict(), **extra}, path)
+    return path
+
+
+def read_model_file(path: str | Path) -> dict[str, Any]:
+    payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a kdpipe model file (expected a dict with format={FORMAT!r})")
+    return payload
+
+
+def build_model(arch: dict[str, Any]) -> nn.Module:
+    return instantiate(arch, _convert_="all")
+
+
+def load_model(path: str | Path) -> nn.Module:
+    """Rebuild the model saved by `save_model`, in eval mode on the CPU."""
+    payload = read_model_file(path)
+    model = build_model(payload["arch"])
+    model.load_state_dict(payload["state_dict"])
+    return model.eval()
+
+
+def load_state_dict_any(path: str | Path) -> dict[str, torch.Tensor]:
+    """Weights from a kdpipe model file, a Lightning checkpoint (`state_dict` with a `model.`
+    prefix) or a bare state dict, all read with `weights_only=True`."""
+    payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if isinstance(payload, dict) and payload.get("format") == FORMAT:
+        return payload["state_dict"]
+    if isinstance(payload, dict) and "state_dict" in payload:
+        sd = payload["state_dict"]
+        if any(k.startswith("model.") for k in sd):
+            sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+        return sd
+    if isinstance(payload, dict) and all(isinstance(v, torch.Tensor) for v in payload.values()):
+        return payload
+    raise ValueError(f"{path}: not a kdpipe model file, a Lightning checkpoint or a state dict")

@@ -1,0 +1,81 @@
+"""Supervised training of one classifier on hard labels: the teacher stage, the `distill=none`
+baseline, and the base of the distillation module."""
+
+from __future__ import annotations
+
+import math
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+
+class ClassifierModule(pl.LightningModule):
+    """Holds one model, its optimiser settings and its metrics.
+
+    Logs per epoch `train/loss`, `val/loss`, `val/acc`, and `test/acc` on `trainer.test`.
+    Subclasses override `training_loss` to return named loss terms; their sum is the loss.
+    """
+
+    def __init__(self, model: nn.Module, num_classes: int, lr: float = 1e-3, weight_decay: float = 0.0,
+                 optimizer: str = "adamw", scheduler: str = "cosine") -> None:
+        super().__init__()
+        self.model = model
+        self.lr, self.weight_decay = lr, weight_decay
+        self.optimizer_name, self.scheduler_name = optimizer, scheduler
+        self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_loss(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"ce": F.cross_entropy(self.model(x), y)}
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        terms = self.training_loss(x, y)
+        loss = sum(terms.values())
+        if not torch.isfinite(loss):
+            bad = [k for k, v in terms.items() if not torch.isfinite(v)] or ["total"]
+            raise FloatingPointError(
+                f"loss term(s) {', '.join(bad)} became {loss.item()} at epoch {self.current_epoch}, "
+                f"step {self.global_step}; lower the learning rate or check the loss weights"
+            )
+        bs = x.shape[0]
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs)
+        if len(terms) > 1:
+            for name, value in terms.items():
+                self.log(f"train/loss_{name}", value, on_step=False, on_epoch=True, batch_size=bs)
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.val_acc(logits, y)
+        self.log("val/loss", F.cross_entropy(logits, y), on_epoch=True, batch_size=x.shape[0])
+        self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True, batch_size=x.shape[0])
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        x, y = batch
+        self.test_acc(self(x), y)
+        self.log("test/acc", self.test_acc, on_epoch=True, batch_size=x.shape[0])
+
+    def trainable_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def configure_optimizers(self):
+        params = self.trainable_parameters()
+        if self.optimizer_name == "sgd":
+            opt = torch.optim.SGD(params, lr=self.lr, momentum=0.9, weight_decay=self.weight_decay, nesterov=True)
+        elif self.optimizer_name in ("adam", "adamw"):
+            opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        else:
+            raise ValueError(f"unknown optimizer {self.optimizer_name!r}; use adamw or sgd")
+        if self.scheduler_name == "none":
+            return opt
+        epochs = max(1, int(self.trainer.max_epochs or 1))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.5 * (1 + math.cos(math.pi * min(e, epochs) / epochs)))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}

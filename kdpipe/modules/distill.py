@@ -1,0 +1,81 @@
+"""Offline distillation: a student trained against a frozen teacher."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kdpipe.losses.base import DistillLoss, DistillOutputs
+from kdpipe.modules.classifier import ClassifierModule
+
+
+def find_module(model: nn.Module, path: str, role: str) -> nn.Module:
+    """The submodule at `path` (e.g. `features.2`, `layer3`), or a clear error listing the
+    valid paths."""
+    modules = dict(model.named_modules())
+    if path not in modules:
+        valid = ", ".join(name for name in modules if name) or "(none)"
+        raise ValueError(f"{role} has no layer {path!r}; valid module paths: {valid}")
+    return modules[path]
+
+
+class FeatureHooks:
+    """Captures the outputs of named submodules with forward hooks, so any `nn.Module` can
+    serve as teacher or student without editing its `forward`."""
+
+    def __init__(self, model: nn.Module, paths: tuple[str, ...], role: str) -> None:
+        self.features: dict[str, torch.Tensor] = {}
+        self._handles = []
+        for path in paths:
+            module = find_module(model, path, role)
+            self._handles.append(module.register_forward_hook(self._make_hook(path)))
+
+    def _make_hook(self, path: str):
+        def hook(_module, _inputs, output):
+            self.features[path] = output
+        return hook
+
+    def pop(self) -> dict[str, torch.Tensor]:
+        feats, self.features = self.features, {}
+        return feats
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+class DistillationModule(ClassifierModule):
+    """Student + frozen teacher (eval mode, no gradients) + a `DistillLoss`.
+
+    The teacher is a registered submodule so it follows the student to the device, but its
+    parameters are frozen and `train()` never takes it out of eval mode (BatchNorm statistics
+    and dropout of a trained teacher must not change while distilling).
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, loss: DistillLoss, num_classes: int,
+                 example_input: torch.Tensor, **optim) -> None:
+        super().__init__(student, num_classes, **optim)
+        self.teacher = teacher.eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.loss = loss
+        self.loss.setup(student, teacher, example_input)
+        self.student_hooks = FeatureHooks(student, tuple(loss.student_layers), "student")
+        self.teacher_hooks = FeatureHooks(teacher, tuple(loss.teacher_layers), "teacher")
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def training_loss(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            teacher_logits = self.teacher(x)
+        student_logits = self.model(x)
+        out = DistillOutputs(student_logits, teacher_logits, y, self.student_hooks.pop(), self.teacher_hooks.pop())
+        return self.loss(out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.model(x)
+        self.student_hooks.pop()
+        return logits

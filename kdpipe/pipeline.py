@@ -1,0 +1,96 @@
+"""One pipeline run (one Hydra job): teacher -> distill -> prune -> quantize -> evaluate,
+as an MLflow parent run with one nested run per stage."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import onnx
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from kdpipe.models.io import load_model
+from kdpipe.report.summary import print_summary
+from kdpipe.stages.base import PipelineContext, StageOutput
+from kdpipe.stages.compress import run_prune, run_quantize
+from kdpipe.stages.evaluate import run_evaluate, write_tables
+from kdpipe.stages.train import run_distill, run_teacher
+from kdpipe.tracking.store import RUN_TYPE_TAG, flatten, log_flat_params, setup_tracking
+
+log = logging.getLogger("kdpipe")
+
+PIP_REQUIREMENTS = ["torch", "kdpipe"]
+
+
+def ui_command(uri: str) -> str:
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri} in a browser"
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+def compression_metrics(rows: list[dict]) -> dict[str, float]:
+    """Teacher against the shipped (last) model: size ratio, accuracy drop in points, speed-up."""
+    by_stage = {r["stage"]: r for r in rows}
+    first, final = by_stage.get("teacher", rows[0]), rows[-1]
+    return {
+        "compression/ratio": first["model/size_bytes"] / final["model/size_bytes"],
+        "compression/acc_drop": 100.0 * (first["test/acc"] - final["test/acc"]),
+        "compression/speedup": first["latency/p50_ms"] / final["latency/p50_ms"],
+    }
+
+
+def log_final_model(final: StageOutput, example: np.ndarray) -> None:
+    """Log the shipped model as `model`: the int8 ONNX model when the pipeline quantized (its
+    fp32 torch source beside it as `model_fp32`), else the torch model. Load it back with
+    `mlflow.pytorch.load_model` / `mlflow.onnx.load_model`."""
+    if final.kind == "onnx":
+        mlflow.onnx.log_model(onnx.load(str(final.path)), name="model", input_example=example,
+                              pip_requirements=["onnxruntime", "onnx"],
+                              onnx_execution_providers=["CPUExecutionProvider"])
+        mlflow.pytorch.log_model(load_model(final.source.path), name="model_fp32", input_example=example,
+                                 pip_requirements=PIP_REQUIREMENTS)
+    else:
+        mlflow.pytorch.log_model(load_model(final.path), name="model", input_example=example,
+                                 pip_requirements=PIP_REQUIREMENTS)
+
+
+def run_pipeline(cfg: DictConfig, workdir: Path) -> dict[str, float]:
+    """Run every stage that is not `none`; return the parent run's metrics."""
+    uri = cfg.tracking.uri or mlflow.get_tracking_uri()
+    setup_tracking(uri, cfg.tracking.experiment, cfg.tracking.get("artifact_location"))
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    workdir.mkdir(parents=True, exist_ok=True)
+    ctx = PipelineContext(cfg, datamodule, workdir, mlflow.get_tracking_uri())
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    with mlflow.start_run(run_name=cfg.get("run_name") or "pipeline", tags={RUN_TYPE_TAG: "pipeline"}) as parent:
+        log_flat_params(parent.info.run_id, flatten(resolved))
+        cfg_file = workdir / "config.yaml"
+        cfg_file.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        mlflow.log_artifact(str(cfg_file))
+
+        if cfg.get("teacher") is not None:
+            ctx.outputs["teacher"] = ctx.outputs["last"] = run_teacher(ctx)
+        ctx.outputs["distill"] = ctx.outputs["last"] = run_distill(ctx)
+        if cfg.prune.get("method", "none") != "none":
+            ctx.outputs["prune"] = ctx.outputs["last"] = run_prune(ctx)
+        if cfg.quantize.get("mode", "none") != "none":
+            ctx.outputs["quantize"] = ctx.outputs["last"] = run_quantize(ctx)
+        _, rows = run_evaluate(ctx)
+
+        final = rows[-1]
+        parent_metrics = {k: v for k, v in final.items() if isinstance(v, float)}
+        parent_metrics.update(compression_metrics(rows))
+        mlflow.log_metrics(parent_metrics)
+        with tempfile.TemporaryDirectory() as tmp:
+            for path in write_tables(rows, Path(tmp)):
+                mlflow.log_artifact(str(path), artifact_path="tables")
+        example = datamodule.example_input(1).numpy()
+        log_final_model(ctx.outputs["last"], example)
+        mlflow.set_tag("kdpipe.final_stage", final["stage"])
+    print_summary(rows, parent_metrics, ui_command(ctx.tracking_uri))
+    return parent_metrics

@@ -1,0 +1,108 @@
+"""The evaluate stage: measure every model the pipeline produced, on one runtime."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+
+import mlflow
+import torch
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+from torchmetrics.functional.classification import multiclass_calibration_error
+
+from kdpipe.export import export_onnx
+from kdpipe.metrics.measure import flops_per_sample, onnx_latency_ms, onnx_logits, torch_logits
+from kdpipe.models import count_params
+from kdpipe.models.io import load_model
+from kdpipe.stages.base import PipelineContext, StageOutput, run_stage
+
+LATENCY_RUNTIME = "onnxruntime-cpu-1thread"
+
+
+def measure(ctx: PipelineContext, out: StageOutput) -> dict[str, float]:
+    """The `test/*`, `model/*`, `latency/*` and `throughput/*` metrics of one model."""
+    ecfg = ctx.cfg.eval
+    loader = ctx.datamodule.test_dataloader()
+    example = ctx.example_input
+    if out.kind == "onnx":
+        onnx_path = out.path
+        logits, target = onnx_logits(out.path, loader)
+        torch_model = load_model(out.source.path)
+    else:
+        torch_model = load_model(out.path)
+        logits, target = torch_logits(torch_model, loader)
+        onnx_path = export_onnx(torch_model, example, ctx.workdir / "evaluate" / f"{out.stage}.onnx")
+    params, nonzero = count_params(torch_model)
+    lat = onnx_latency_ms(onnx_path, example, warmup=int(ecfg.latency_warmup), iters=int(ecfg.latency_iters))
+    thr = onnx_latency_ms(onnx_path, example, warmup=3, iters=max(5, int(ecfg.latency_iters) // 10),
+                          batch_size=int(ecfg.throughput_batch_size), threads=1)
+    return {
+        "test/acc": float((logits.argmax(-1) == target).float().mean()),
+        "test/ece": float(multiclass_calibration_error(logits.softmax(-1), target, ctx.num_classes, n_bins=15)),
+        "model/params": float(params),
+        "model/nonzero_params": float(nonzero),
+        "model/size_bytes": float(Path(out.path).stat().st_size),
+        "model/flops": float(flops_per_sample(torch_model, example)),
+        "latency/p50_ms": lat["p50_ms"],
+        "latency/p90_ms": lat["p90_ms"],
+        "throughput/samples_per_s": thr["throughput"],
+    }
+
+
+def write_tables(rows: list[dict], folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    columns = list(rows[0].keys())
+    csv_path = folder / "models.csv"
+    with csv_path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    md_path = folder / "models.md"
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(row[c]) for c in columns) + " |")
+    md_path.write_text("\n".join(lines) + "\n")
+    json_path = folder / "models.json"
+    json_path.write_text(json.dumps(rows, indent=2))
+    return [csv_path, md_path, json_path]
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def evaluate_compute(ctx: PipelineContext, run_id: str) -> list[dict]:
+    client = MlflowClient()
+    rows = []
+    models = [o for name, o in ctx.outputs.items() if name != "last"]
+    for out in models:
+        torch.manual_seed(0)
+        metrics = measure(ctx, out)
+        now = int(time.time() * 1000)
+        client.log_batch(out.run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
+        client.set_tag(out.run_id, "kdpipe.latency_runtime", LATENCY_RUNTIME)
+        rows.append({"stage": out.stage, "kind": out.kind, "run_id": out.run_id, **metrics})
+    return rows
+
+
+def run_evaluate(ctx: PipelineContext) -> tuple[StageOutput | None, list[dict]]:
+    """Evaluate is always measured afresh (latency is not a pure function), but its run carries
+    a cache key like every stage."""
+    result: dict = {}
+
+    def compute(c: PipelineContext, run_id: str):
+        rows = evaluate_compute(c, run_id)
+        result["rows"] = rows
+        mlflow.set_tag("kdpipe.latency_runtime", LATENCY_RUNTIME)
+        for path in write_tables(rows, c.workdir / "evaluate"):
+            mlflow.log_artifact(str(path), artifact_path="tables")
+        return None
+
+    upstream = [o for name, o in ctx.outputs.items() if name != "last"]
+    out = run_stage(ctx, "evaluate", ["eval"], upstream, compute, reusable=False)
+    return out, result["rows"]

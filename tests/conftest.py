@@ -1,0 +1,57 @@
+"""Shared fixtures: a real MLflow SQLite store in a temp dir, and fast pipeline settings."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+from hydra import compose, initialize_config_dir
+
+from kdpipe.cli import CONFIG_PATH
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Tiny but real: synthetic data, one epoch, narrow models, short latency loops.
+FAST = [
+    "data=synthetic",
+    "trainer.max_epochs=1",
+    "trainer.enable_progress_bar=false",
+    "teacher.model.width=8",
+    "student.model.width=4",
+    "eval.latency_iters=10",
+    "eval.latency_warmup=2",
+]
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """A fresh tracking store; the test runs inside its directory."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("KDPIPE_LOCK_DIR", str(tmp_path / "locks"))
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
+def make_cfg(overrides: list[str]):
+    with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
+        return compose("config", overrides=[*FAST, *overrides])
+
+
+def run_cli(args: list[str], cwd: Path, env_extra: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run the real `kdpipe` command (`python -m kdpipe`) in a subprocess."""
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "kdpipe", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def stage_runs(experiment: str = "kdpipe") -> dict:
+    """All runs of the experiment, as a list of mlflow Run objects."""
+    return mlflow.search_runs(experiment_names=[experiment], output_format="list")
