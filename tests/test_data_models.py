@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -42,3 +43,26 @@ def test_models_map_images_to_class_logits_and_round_trip_on_disk(factory, tmp_p
     arch = {"_target_": f"kdpipe.models.{factory.__name__}", "in_shape": [3, 16, 16], "num_classes": 7}
     path = save_model(model, arch, tmp_path / "m.pt")
     assert torch.allclose(load_model(path)(x), model(x))
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_reader_round_trips_files_it_wrote_in_the_real_format(tmp_path, gz):
+    from kdpipe.data.idx import IDXDataModule, write_idx
+
+    rng = np.random.default_rng(0)
+    ext = ".gz" if gz else ""
+    for split, n in (("train", 60), ("t10k", 20)):
+        write_idx(rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), tmp_path / f"{split}-images-idx3-ubyte{ext}")
+        write_idx(rng.integers(0, 10, n, dtype=np.uint8), tmp_path / f"{split}-labels-idx1-ubyte{ext}")
+    dm = IDXDataModule(root=str(tmp_path), val_fraction=0.25)
+    dm.setup()
+    assert len(dm.test_set) == 20 and len(dm.train_set) + len(dm.val_set) == 60
+    assert dm.train_set.tensors[0].shape[1:] == (1, 28, 28)
+
+
+def test_idx_data_module_names_the_command_that_gets_missing_files(tmp_path):
+    from kdpipe.data.idx import IDXDataModule
+
+    dm = IDXDataModule(root=str(tmp_path), install_hint="apt-get install -y dataset-fashion-mnist")
+    with pytest.raises(ConfigError, match="apt-get install -y dataset-fashion-mnist"):
+        dm.setup()

@@ -2,6 +2,7 @@
 
 from kdpipe.data.base import TensorDataModule
 from kdpipe.data.digits import DigitsDataModule
+from kdpipe.data.idx import IDXDataModule
 from kdpipe.data.synthetic import SyntheticDataModule
 
-__all__ = ["TensorDataModule", "DigitsDataModule", "SyntheticDataModule"]
+__all__ = ["TensorDataModule", "DigitsDataModule", "IDXDataModule", "SyntheticDataModule"]
