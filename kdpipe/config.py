@@ -49,7 +49,7 @@ def validate(cfg: DictConfig) -> None:
 
     teacher = cfg.get("teacher")
     if teacher is None and distill.get("loss") is not None:
-        raise ConfigError("teacher=none leaves nothing to distill from; pick a teacher or use distill=none")
+        raise ConfigError("~teacher (no teacher) leaves nothing to distill from; pick a teacher or use distill=none")
     if teacher is not None:
         ckpt = teacher.get("checkpoint")
         if ckpt and not is_uri(str(ckpt)) and not Path(str(ckpt)).expanduser().is_file():
