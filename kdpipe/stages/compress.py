@@ -32,6 +32,7 @@ def finetune_module(ctx: PipelineContext, model: nn.Module, distill_from_teacher
     """Fine-tuning keeps distilling from the teacher when asked to (and a teacher exists)."""
     optim = optim_kwargs(ctx)
     optim["lr"] = optim["lr"] * float(lr_scale)
+    model.train()  # load_model returns eval mode, and Lightning keeps the mode it finds
     if distill_from_teacher and "teacher" in ctx.outputs and ctx.cfg.distill.get("loss") is not None:
         teacher = load_model(ctx.outputs["teacher"].path)
         return DistillationModule(model, teacher, instantiate(ctx.cfg.distill.loss), ctx.num_classes,
