@@ -17,7 +17,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from torch.utils.data import DataLoader, TensorDataset
 
-from kdpipe.compress.prune import magnitude_prune, make_permanent, sparsity
+from kdpipe.compress.prune import magnitude_prune, make_permanent
 from kdpipe.compress.quantize import CompressionWarning, quantize_static_int8
 from kdpipe.compress.schedules import agp_sparsity, step_targets
 from kdpipe.compress.sparse_format import pack_state_dict
@@ -29,13 +29,9 @@ from kdpipe.metrics.measure import flops_per_sample, onnx_logits
 from kdpipe.models import cnn, count_params, resnet
 from kdpipe.models.io import load_model, save_model
 from kdpipe.pipeline import run_pipeline
-from tests.conftest import make_cfg
+from tests.conftest import make_cfg, use_store
 
 CNN_ARCH = {"_target_": "kdpipe.models.cnn", "in_shape": [1, 8, 8], "num_classes": 4, "width": 8, "depth": 2}
-
-
-def _zero_fraction_of_prunable(model) -> float:
-    return sparsity(model)
 
 
 # --- magnitude pruning -------------------------------------------------------------------------
@@ -180,12 +176,8 @@ def test_nonsense_compression_settings_are_refused_before_any_training(overrides
 @pytest.fixture(scope="module")
 def shared_store(tmp_path_factory):
     root = tmp_path_factory.mktemp("compression_store")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
     mp = pytest.MonkeyPatch()
-    mp.chdir(root)
-    mp.setenv("MLFLOW_TRACKING_URI", uri)
-    mp.setenv("KDPIPE_LOCK_DIR", str(root / "locks"))
-    mlflow.set_tracking_uri(uri)
+    use_store(mp, root)
     yield root
     while mlflow.active_run():
         mlflow.end_run()
