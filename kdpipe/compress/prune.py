@@ -57,10 +57,14 @@ def sparsity(model: nn.Module) -> float:
     return zeros / max(total, 1)
 
 
-def layer_sparsity(model: nn.Module) -> dict[str, float]:
-    out = {}
+def layer_table(model: nn.Module) -> list[dict]:
+    """One row per conv/linear layer: its shape, weights, zeros and sparsity (the per-layer
+    table artefact of the prune stage)."""
+    rows = []
     for path, module in model.named_modules():
         if isinstance(module, PRUNABLE):
             w = module.weight
-            out[path] = float((w == 0).sum()) / w.numel()
-    return out
+            zeros = int((w == 0).sum())
+            rows.append({"layer": path, "shape": "x".join(map(str, w.shape)), "weights": w.numel(),
+                         "zeros": zeros, "sparsity": round(zeros / w.numel(), 6)})
+    return rows

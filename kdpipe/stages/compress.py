@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-import json
+import csv
 import logging
 from pathlib import Path
 
@@ -11,7 +11,7 @@ import mlflow
 from hydra.utils import instantiate
 from torch import nn
 
-from kdpipe.compress.prune import layer_sparsity, magnitude_prune, make_permanent, sparsity
+from kdpipe.compress.prune import layer_table, magnitude_prune, make_permanent, sparsity
 from kdpipe.compress.qat import FakeQuantCallback
 from kdpipe.compress.quantize import quantize_dynamic_int8, quantize_static_int8
 from kdpipe.compress.schedules import AGPCallback, step_targets
@@ -96,9 +96,13 @@ def prune_compute(ctx: PipelineContext, run_id: str) -> Product:
     model.eval()
 
     out_dir = ctx.workdir / "prune"
-    table = out_dir / "layer_sparsity.json"
-    table.parent.mkdir(parents=True, exist_ok=True)
-    table.write_text(json.dumps(layer_sparsity(model), indent=2))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = out_dir / "layer_sparsity.csv"
+    rows = layer_table(model)
+    with table.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
     metrics = {"prune/sparsity": sparsity(model)}
     if method == "structured":
         params_after, _ = count_params(model)
