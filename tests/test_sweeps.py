@@ -98,18 +98,26 @@ def test_end_of_a_multirun_writes_the_sweep_report_and_logs_it_as_a_summary_run(
     assert summary_run.data.metrics["sweep/runs"] == 2
 
 
-def test_report_gives_mean_and_std_over_runs_that_differ_only_by_seed(store, tmp_path):
-    accs = {}
-    for seed, temperature in ((0, 2), (1, 2), (0, 8)):
-        cfg = make_cfg(["prune=none", "quantize=none", f"seed={seed}", f"distill.temperature={temperature}"])
-        accs[(seed, temperature)] = run_pipeline(cfg, tmp_path / f"s{seed}-T{temperature}")["test/acc"]
-    report = build_report("kdpipe", None, tmp_path / "report")
+def test_report_gives_mean_and_std_over_runs_that_differ_only_by_seed(joblib_sweep, tmp_path, monkeypatch):
+    """A second seed of T=2, launched later into the same sweep ($KDPIPE_SWEEP), joins the first
+    one as one configuration with two runs."""
+    sweep = _pipelines(joblib_sweep["runs"])[0].data.tags["kdpipe.sweep"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", joblib_sweep["uri"])
+    monkeypatch.setenv("KDPIPE_LOCK_DIR", str(joblib_sweep["root"] / "locks"))
+    monkeypatch.setenv(SWEEP_ENV, sweep)
+    mlflow.set_tracking_uri(joblib_sweep["uri"])
+    cfg = make_cfg(["experiment=temperature_sweep", "seed=1", "distill.temperature=2"])
+    run_pipeline(cfg, tmp_path / "seed1")
+    accs = {(int(p.data.params["seed"]), float(p.data.params["distill.temperature"])): p.data.metrics["test/acc"]
+            for p in _pipelines(mlflow.search_runs(experiment_names=["temperature_sweep"], output_format="list"))}
+    assert set(accs) == {(0, 2.0), (1, 2.0), (0, 4.0)}
+    report = build_report("temperature_sweep", sweep, tmp_path / "report", log=False)
     summary = report.summary.set_index(report.summary["distill.temperature"].astype(float))
     assert list(summary["runs"]) == [2, 1]
-    two = pd.Series([accs[(0, 2)], accs[(1, 2)]])
+    two = pd.Series([accs[(0, 2.0)], accs[(1, 2.0)]])
     assert summary.loc[2.0, "test/acc mean"] == pytest.approx(two.mean())
     assert summary.loc[2.0, "test/acc std"] == pytest.approx(two.std(ddof=1))
-    assert summary.loc[8.0, "test/acc mean"] == pytest.approx(accs[(0, 8)])
+    assert summary.loc[4.0, "test/acc mean"] == pytest.approx(accs[(0, 4.0)])
     md = (tmp_path / "report" / "summary.md").read_text()
     assert f"{two.mean():.4g} ± {two.std(ddof=1):.4g}" in md
     assert (tmp_path / "report" / "acc_vs_temperature.png").is_file()

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"kdpipe-report: error: {exc}", file=sys.stderr)
         return 2
-    print(report.summary.to_string(max_colwidth=40))
+    print((folder / "summary.md").read_text())
     for path in report.files:
         print(f"wrote {path}")
     if report.run_id:

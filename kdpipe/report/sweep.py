@@ -185,6 +185,8 @@ def plot_temperature(summary: pd.DataFrame, path: Path) -> Path | None:
     for _, r in scratch.iterrows():
         ax.axhline(100 * r["test/acc mean"], color="grey", linestyle="--", label="no distillation")
     ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(data["_T"].unique()), [f"{t:g}" for t in sorted(data["_T"].unique())])
+    ax.minorticks_off()
     return _save(fig, ax, "temperature T (log scale)",
                  "Accuracy against distillation temperature (mean ± std over seeds)", path)
 
