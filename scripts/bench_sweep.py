@@ -9,7 +9,8 @@ The cost the sweep cannot avoid is one teacher + 4 students, each evaluated: `id
 the durations (MLflow start/end) of the teacher run that trained and of the distill and evaluate
 runs of the sequential sweep. Target: the sequential sweep with reuse costs at most 1.1x that
 (sum of its pipeline runs / ideal). Wall times include process start-up (imports) and the sweep
-report. Ratios come from one run on a shared machine: read them as +-10 %.
+report. CPU is the user+sys time of the command and its workers, less sensitive than wall time to
+other load on a shared machine. Ratios come from one run: read them as noisy.
 
     python scripts/bench_sweep.py [--epochs 2] [--jobs 2] [--data digits]
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -30,7 +32,12 @@ REPO = Path(__file__).resolve().parent.parent
 TEMPERATURES = "1,2,4,8"
 
 
-def run_sweep(extra: list[str], epochs: int, data: str) -> tuple[float, list]:
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_sweep(extra: list[str], epochs: int, data: str) -> tuple[float, float, list]:
     with tempfile.TemporaryDirectory(prefix="kdpipe-bench-") as tmp:
         uri = f"sqlite:///{tmp}/mlflow.db"
         env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "KDPIPE_LOCK_DIR": f"{tmp}/locks",
@@ -39,14 +46,14 @@ def run_sweep(extra: list[str], epochs: int, data: str) -> tuple[float, list]:
         cmd = [sys.executable, "-m", "kdpipe", "-m", "experiment=temperature_sweep", f"data={data}",
                f"distill.temperature={TEMPERATURES}", f"trainer.max_epochs={epochs}",
                "trainer.enable_progress_bar=false", *extra]
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), _children_cpu()
         res = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True)
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, _children_cpu() - cpu
         if res.returncode != 0:
             sys.exit(f"{' '.join(cmd)} failed:\n{res.stderr[-3000:]}")
         mlflow.set_tracking_uri(uri)
         runs = mlflow.search_runs(experiment_names=["temperature_sweep"], output_format="list")
-        return wall, runs
+        return wall, cpu, runs
 
 
 def seconds(run) -> float:
@@ -67,15 +74,15 @@ def main() -> None:
     }
     results = {}
     for name, extra in modes.items():
-        wall, runs = run_sweep(extra, args.epochs, args.data)
+        wall, cpu, runs = run_sweep(extra, args.epochs, args.data)
         pipelines = [r for r in runs if r.data.tags.get("kdpipe.run_type") == "pipeline"]
         teachers = [r for r in runs if r.data.tags.get("kdpipe.stage") == "teacher"]
         trained = [t for t in teachers if "kdpipe.reused_from" not in t.data.tags]
         assert len(pipelines) == 4 and all(r.info.status == "FINISHED" for r in runs), name
-        results[name] = {"wall": wall, "pipelines": sum(seconds(p) for p in pipelines),
+        results[name] = {"wall": wall, "cpu": cpu, "pipelines": sum(seconds(p) for p in pipelines),
                          "teachers_trained": len(trained), "runs": runs,
                          "teacher_s": sum(seconds(t) for t in trained)}
-        print(f"{name:22s} wall {wall:7.1f} s   sum of pipeline runs {results[name]['pipelines']:7.1f} s   "
+        print(f"{name:22s} wall {wall:7.1f} s   CPU {cpu:7.1f} s   sum of pipeline runs {results[name]['pipelines']:7.1f} s   "
               f"teachers trained {len(trained)} ({results[name]['teacher_s']:.1f} s)", flush=True)
 
     seq = results["sequential + reuse"]
@@ -87,7 +94,9 @@ def main() -> None:
           f"+ 4 evaluations {sum(by_stage['evaluate']):.1f} s) = {ideal:.1f} s")
     print(f"sweep with reuse / ideal (sum of pipeline runs):   {seq['pipelines'] / ideal:.2f}x  (target <= 1.1x)")
     print(f"sweep with reuse / ideal (wall, incl. start-up):   {seq['wall'] / ideal:.2f}x")
-    print(f"no reuse / reuse (wall):                           {results['sequential, no reuse']['wall'] / seq['wall']:.2f}x")
+    no_reuse = results["sequential, no reuse"]
+    print(f"no reuse / reuse (wall):                           {no_reuse['wall'] / seq['wall']:.2f}x")
+    print(f"no reuse / reuse (CPU, robust to a busy machine):  {no_reuse['cpu'] / seq['cpu']:.2f}x")
     print(f"parallel ({args.jobs} jobs) / sequential (wall):           "
           f"{results['parallel + reuse']['wall'] / seq['wall']:.2f}x")
 

@@ -129,11 +129,10 @@ def test_pareto_front_keeps_only_points_no_other_beats_on_both_cost_and_accuracy
     assert pareto_front(cost, acc) == [2, 0, 4]
 
 
-def test_report_command_names_the_experiments_there_when_the_name_is_wrong(store, capsys):
-    mlflow.set_experiment("kdpipe")
-    assert report_main(["nope", "--uri", store]) == 2
+def test_report_command_names_the_experiments_there_when_the_name_is_wrong(joblib_sweep, capsys):
+    assert report_main(["nope", "--uri", joblib_sweep["uri"]]) == 2
     err = capsys.readouterr().err
-    assert "no experiment named 'nope'" in err and "kdpipe" in err
+    assert "no experiment named 'nope'" in err and "temperature_sweep" in err
 
 
 def test_run_name_is_built_from_the_scheme_temperature_alpha_pruning_and_quantization():
@@ -158,8 +157,9 @@ def test_experiments_and_the_slurm_launcher_compose():
         assert set(optuna.hydra.sweeper.params) == {"distill.temperature", "distill.alpha", "prune.sparsity"}
 
 
-def test_optuna_search_runs_trials_and_returns_the_best_parameters(tmp_path):
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "KDPIPE_LOCK_DIR": str(tmp_path / "locks")}
+def test_optuna_search_runs_trials_and_returns_the_best_parameters(joblib_sweep, tmp_path):
+    """Against the sweep's store, so the search reuses the teacher the sweep trained."""
+    env = {"MLFLOW_TRACKING_URI": joblib_sweep["uri"], "KDPIPE_LOCK_DIR": str(joblib_sweep["root"] / "locks")}
     res = run_cli(["-m", "hparams_search=optuna", *FAST, "quantize=none", "prune.finetune_epochs=1",
                    "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler.n_startup_trials=2"], tmp_path, env)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -167,8 +167,11 @@ def test_optuna_search_runs_trials_and_returns_the_best_parameters(tmp_path):
     best = yaml.safe_load(results.read_text())
     assert set(best["best_params"]) == {"distill.temperature", "distill.alpha", "prune.sparsity"}
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    trials = _pipelines(mlflow.search_runs(experiment_names=["hparams_search"], output_format="list"))
+    runs = mlflow.search_runs(experiment_names=["hparams_search"], output_format="list")
+    trials = _pipelines(runs)
     assert len(trials) == 3 and all(t.info.status == "FINISHED" for t in trials)
+    teachers = [r for r in runs if r.data.tags.get("kdpipe.stage") == "teacher"]
+    assert len(teachers) == 3 and all("kdpipe.reused_from" in t.data.tags for t in teachers)
     assert best["best_value"] == pytest.approx(max(t.data.metrics["test/acc"] for t in trials))
 
 
