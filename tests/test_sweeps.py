@@ -259,3 +259,11 @@ def test_pipeline_logs_to_a_real_tracking_server_with_tracking_server(server, tm
     assert parent.info.artifact_uri.startswith("mlflow-artifacts:")
     model = mlflow.pytorch.load_model(f"runs:/{parent.info.run_id}/model")
     assert sum(p.numel() for p in model.parameters()) == parent.data.metrics["model/params"]
+
+
+def test_bad_value_in_a_multirun_stops_with_one_line_before_the_store_is_created(tmp_path):
+    res = run_cli(["-m", *FAST, "distill.alpha=1.5,0.5"], tmp_path,
+                  {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "KDPIPE_LOCK_DIR": str(tmp_path / "locks")})
+    assert res.returncode == 2
+    assert "kdpipe: error: distill.alpha=1.5 must lie in [0, 1]" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "mlflow.db").exists()

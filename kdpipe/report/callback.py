@@ -17,8 +17,9 @@ log = logging.getLogger("kdpipe")
 
 class SweepCallback(Callback):
     """`on_multirun_start` runs in the launching process before any job: it fixes the sweep id
-    (Hydra's sweep directory) in $KDPIPE_SWEEP, which launcher processes inherit, and creates the
-    tracking store and experiment once, so parallel jobs never race to create the SQLite schema.
+    (Hydra's sweep directory) in $KDPIPE_SWEEP, which launcher processes inherit, and, for a
+    parallel launcher, creates the tracking store and experiment once, so parallel jobs never race
+    to create the SQLite schema.
     `on_multirun_end` writes the sweep report into `<sweep dir>/report` and logs it as a run."""
 
     def __init__(self, report: bool = True) -> None:
@@ -29,6 +30,8 @@ class SweepCallback(Callback):
         if not os.environ.get(SWEEP_ENV):
             os.environ[SWEEP_ENV] = str(config.hydra.sweep.dir)
             self._set_env = True
+        if "BasicLauncher" in str(config.hydra.launcher.get("_target_", "")):
+            return  # jobs run one after another in this process: no race, and nothing made before validation
         from kdpipe.tracking.store import setup_tracking
 
         try:
