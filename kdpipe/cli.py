@@ -35,16 +35,29 @@ def _quiet_libraries() -> None:
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Compose, validate, run; return `cfg.optimized_metric` for Hydra sweepers."""
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
     from kdpipe.config import validate
+    from kdpipe.faults import Terminated, mark_killed, on_sigterm, terminated_runs
     from kdpipe.pipeline import run_pipeline
 
     _quiet_libraries()
     try:
         validate(cfg)
-        metrics = run_pipeline(cfg, Path(HydraConfig.get().runtime.output_dir))
+        with on_sigterm():
+            metrics = run_pipeline(cfg, Path(HydraConfig.get().runtime.output_dir))
     except ConfigError as exc:
         print(f"kdpipe: error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except (Terminated, SIGTERMException):
+        run_ids = terminated_runs()
+        mark_killed(run_ids)
+        print(f"kdpipe: received SIGTERM: runs {', '.join(run_ids)} marked KILLED; run the same command "
+              f"again to reuse the finished stages and resume the interrupted one", file=sys.stderr)
+        sys.exit(128 + 15)
+    except FloatingPointError as exc:  # the stage run is already marked FAILED
+        print(f"kdpipe: error: {exc}", file=sys.stderr)
+        sys.exit(1)
     return metrics.get(cfg.get("optimized_metric") or "test/acc")
 
 

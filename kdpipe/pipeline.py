@@ -13,6 +13,7 @@ import onnx
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from kdpipe.faults import owner_tags
 from kdpipe.models.io import load_model
 from kdpipe.report.summary import print_summary
 from kdpipe.stages.base import PipelineContext, StageOutput
@@ -67,7 +68,7 @@ def run_pipeline(cfg: DictConfig, workdir: Path) -> dict[str, float]:
     workdir.mkdir(parents=True, exist_ok=True)
     ctx = PipelineContext(cfg, datamodule, workdir, mlflow.get_tracking_uri())
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    with mlflow.start_run(run_name=cfg.get("run_name") or "pipeline", tags={RUN_TYPE_TAG: "pipeline"}) as parent:
+    with mlflow.start_run(run_name=cfg.get("run_name") or "pipeline", tags={RUN_TYPE_TAG: "pipeline", **owner_tags()}) as parent:
         log_flat_params(parent.info.run_id, flatten(resolved))
         cfg_file = workdir / "config.yaml"
         cfg_file.write_text(OmegaConf.to_yaml(cfg, resolve=True))
