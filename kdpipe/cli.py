@@ -61,5 +61,18 @@ def main(cfg: DictConfig) -> float | None:
     return metrics.get(cfg.get("optimized_metric") or "test/acc")
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The `kdpipe` command: a misspelled key or a wrongly typed value fails here, in one line
+    naming the key, before Hydra composes and long work starts; then Hydra runs `main`."""
+    from kdpipe.overrides import check
+
+    try:
+        check(sys.argv[1:], CONFIG_PATH)
+    except ConfigError as exc:
+        print(f"kdpipe: error: {exc}", file=sys.stderr)
+        sys.exit(2)
     main()
+
+
+if __name__ == "__main__":
+    entry()
