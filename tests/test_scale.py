@@ -125,3 +125,28 @@ def test_two_sweeps_at_once_on_one_local_store_lose_nothing(tmp_path):
     # each job wrote its files to its own output folder
     jobs = [d for d in Path(tmp_path, "outputs", "multirun").glob("*/*/*") if d.is_dir()]
     assert len(jobs) == 4
+
+
+def test_ddp_with_two_cpu_processes_logs_once_reuses_stages_and_loads(store, tmp_path):
+    overrides = ["trainer=ddp", "trainer.max_epochs=2", "prune=none", "quantize=none"]
+    cfg = make_cfg(overrides)
+    validate(cfg)
+    run_pipeline(cfg, tmp_path / "out")
+    run_pipeline(make_cfg(overrides), tmp_path / "out2")
+    runs = mlflow.search_runs(experiment_names=["kdpipe"], output_format="list")
+    # one parent and one run per stage for each pipeline: no rank created runs of its own
+    assert sorted(r.data.tags.get("kdpipe.stage", "pipeline") for r in runs) == \
+        sorted(["pipeline", "teacher", "distill", "evaluate"] * 2)
+    assert all(r.info.status == "FINISHED" for r in runs)
+    first = min((r for r in runs if r.data.tags.get("kdpipe.stage") == "distill"), key=lambda r: r.info.start_time)
+    second = max((r for r in runs if r.data.tags.get("kdpipe.stage") == "teacher"), key=lambda r: r.info.start_time)
+    assert "kdpipe.reused_from" in second.data.tags  # the teacher cache works under DDP
+    history = MlflowClient().get_metric_history(first.info.run_id, "val/acc")
+    assert len(history) == 2  # logged once per epoch, by rank 0 only
+    # two ranks split each epoch: 333 training samples, batch 64 -> ceil(167 / 64) = 3 steps per rank
+    n_train = 512 - round(512 * 0.2) - round(512 * 0.15)
+    steps_per_epoch = -(-(-(-n_train // 2)) // 64)
+    assert max(m.step for m in history) + 1 == 2 * steps_per_epoch  # one process alone: 2 * 6 steps
+    parent = mlflow.get_run(first.data.tags["mlflow.parentRunId"])
+    model = mlflow.pytorch.load_model(f"runs:/{parent.info.run_id}/model")
+    assert model(torch.zeros(1, 1, 8, 8)).shape == (1, 4)
