@@ -4,6 +4,7 @@ Lightning DDP with two CPU processes (gloo)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -145,7 +146,7 @@ def test_ddp_with_two_cpu_processes_logs_once_reuses_stages_and_loads(store, tmp
     assert len(history) == 2  # logged once per epoch, by rank 0 only
     # two ranks split each epoch: 333 training samples, batch 64 -> ceil(167 / 64) = 3 steps per rank
     n_train = 512 - round(512 * 0.2) - round(512 * 0.15)
-    steps_per_epoch = -(-(-(-n_train // 2)) // 64)
+    steps_per_epoch = math.ceil(math.ceil(n_train / 2) / 64)
     assert max(m.step for m in history) + 1 == 2 * steps_per_epoch  # one process alone: 2 * 6 steps
     parent = mlflow.get_run(first.data.tags["mlflow.parentRunId"])
     model = mlflow.pytorch.load_model(f"runs:/{parent.info.run_id}/model")
