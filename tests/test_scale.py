@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -58,8 +59,12 @@ def mlflow_server(tmp_path_factory):
                 pytest.fail(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
             time.sleep(0.3)
     yield url, root
-    os.killpg(proc.pid, 15)  # the server's own process group: uvicorn and its workers
-    proc.wait(timeout=30)
+    os.killpg(proc.pid, signal.SIGTERM)  # the server's own process group: uvicorn and its workers
+    try:
+        proc.wait(timeout=3)
+    except subprocess.TimeoutExpired:  # a throwaway server need not shut down gracefully
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
     log.close()
 
 
