@@ -120,19 +120,28 @@ def check(args: Sequence[str], config_path: str, config_name: str = "config") ->
                 continue
             is_group = repo.group_exists(o.key_or_group.replace(".", "/")) or "/" in o.key_or_group
             (groups if is_group or o.is_delete() else values).append((o, line))
+        # one base config per option of a swept group (the others at their first option): a key
+        # is unknown only if no option has it, and is typed by the first option that has it
+        first = [line for _, line in groups]
+        variants = [first]
+        for i, (o, _) in enumerate(groups):
+            if o.is_discrete_sweep():
+                for option in list(o.sweep_string_iterator())[1:]:
+                    variants.append([*first[:i], f"{o.get_key_element()}={option}", *first[i + 1:]])
         try:
-            base = compose(config_name, overrides=[line for _, line in groups])
+            bases = [compose(config_name, overrides=v) for v in variants]
         except HydraException as exc:
             raise ConfigError(_one_line(exc)) from None
-        for o, line in values:
-            key, value = o.key_or_group, line.split("=", 1)[1]
-            if not (o.is_add() or o.is_force_add()) and OmegaConf.select(base, key, default=_MISSING) is _MISSING:
-                raise ConfigError(_unknown_key_message(key, value, base))
         for o, _ in values:
             key = o.key_or_group
-            if o.is_add() or o.is_force_add() or key in MIXED_TYPE_KEYS:
+            if o.is_add() or o.is_force_add():
                 continue
-            default = OmegaConf.select(base, key)
+            having = [b for b in bases if OmegaConf.select(b, key, default=_MISSING) is not _MISSING]
+            if not having:
+                raise ConfigError(_unknown_key_message(key, o.input_line.split("=", 1)[1], bases[0]))
+            if key in MIXED_TYPE_KEYS:
+                continue
+            default = OmegaConf.select(having[0], key)
             given = list(o.sweep_iterator()) if o.is_discrete_sweep() else [o.value()]
             for new in given:
                 if isinstance(new, str) and "${" in new:  # an interpolation: typed once resolved
