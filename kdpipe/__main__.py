@@ -1,3 +1,3 @@
-from kdpipe.cli import main
+from kdpipe.cli import entry
 
-main()
+entry()

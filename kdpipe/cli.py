@@ -28,6 +28,8 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    # Expected: a resumed stage checkpoints into the folder its interrupted run left.
+    warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
@@ -35,18 +37,44 @@ def _quiet_libraries() -> None:
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Compose, validate, run; return `cfg.optimized_metric` for Hydra sweepers."""
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
     from kdpipe.config import validate
+    from kdpipe.faults import Terminated, mark_killed, on_sigterm, terminated_runs
     from kdpipe.pipeline import run_pipeline
 
     _quiet_libraries()
     try:
         validate(cfg)
-        metrics = run_pipeline(cfg, Path(HydraConfig.get().runtime.output_dir))
+        with on_sigterm():
+            metrics = run_pipeline(cfg, Path(HydraConfig.get().runtime.output_dir))
     except ConfigError as exc:
         print(f"kdpipe: error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except (Terminated, SIGTERMException):
+        run_ids = terminated_runs()
+        mark_killed(run_ids)
+        print(f"kdpipe: received SIGTERM: runs {', '.join(run_ids)} marked KILLED; run the same command "
+              f"again to reuse the finished stages and resume the interrupted one", file=sys.stderr)
+        sys.exit(128 + 15)
+    except FloatingPointError as exc:  # the stage run is already marked FAILED
+        print(f"kdpipe: error: {exc}", file=sys.stderr)
+        sys.exit(1)
     return metrics.get(cfg.get("optimized_metric") or "test/acc")
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The `kdpipe` command: a misspelled key or a wrongly typed value fails here, in one line
+    naming the key, before Hydra composes and long work starts; then Hydra runs `main`."""
+    from kdpipe.overrides import check
+
+    try:
+        check(sys.argv[1:], CONFIG_PATH)
+    except ConfigError as exc:
+        print(f"kdpipe: error: {exc}", file=sys.stderr)
+        sys.exit(2)
     main()
+
+
+if __name__ == "__main__":
+    entry()

@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from kdpipe.export import export_onnx
+from kdpipe.faults import owner_tags
 from kdpipe.models.io import load_model
 from kdpipe.report.plots import accuracy_vs_size
 from kdpipe.report.summary import print_summary
@@ -88,7 +89,7 @@ def run_pipeline(cfg: DictConfig, workdir: Path) -> dict[str, float]:
     ctx = PipelineContext(cfg, datamodule, workdir, mlflow.get_tracking_uri())
     resolved = OmegaConf.to_container(cfg, resolve=True)
     name, tags = _run_identity(cfg)
-    with mlflow.start_run(run_name=name, tags=tags) as parent:
+    with mlflow.start_run(run_name=name, tags={**tags, **owner_tags()}) as parent:
         log_flat_params(parent.info.run_id, flatten(resolved))
         cfg_file = workdir / "config.yaml"
         cfg_file.write_text(OmegaConf.to_yaml(cfg, resolve=True))

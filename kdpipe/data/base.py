@@ -6,11 +6,26 @@ serves them all: a subclass only says how to load `(images, labels)`.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+from pathlib import Path
+
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from kdpipe.errors import ConfigError
+
+
+def file_identity(paths) -> list[tuple[str, int, int]]:
+    """(path, size, mtime) of each file: changes when a file is replaced, so cached statistics
+    of the old file are not reused."""
+    out = []
+    for p in paths:
+        st = Path(p).stat()
+        out.append((str(Path(p).resolve()), st.st_size, st.st_mtime_ns))
+    return out
 
 
 class TensorDataModule(pl.LightningDataModule):
@@ -74,14 +89,49 @@ class TensorDataModule(pl.LightningDataModule):
             splits["val"] = (x[perm[:n_val]], y[perm[:n_val]])
             splits["train"] = (x[perm[n_val:]], y[perm[n_val:]])
         self._check_shape(splits["train"])
-        x_train = splits["train"][0]
-        dims = (0, 2, 3)
-        self.mean = x_train.mean(dim=dims, keepdim=True)
-        self.std = x_train.std(dim=dims, keepdim=True).clamp_min(1e-6)
+        self.mean, self.std = self._train_statistics(splits["train"][0])
         norm = {k: ((x - self.mean) / self.std, y) for k, (x, y) in splits.items()}
         self.train_set = TensorDataset(*norm["train"])
         self.val_set = TensorDataset(*norm["val"])
         self.test_set = TensorDataset(*norm["test"])
+
+    def stats_key(self) -> dict | None:
+        """What identifies the training split (files, seed, split sizes), so its normalisation
+        statistics can be cached on disk; None (the default) means recompute each time, which
+        is right for data generated in memory."""
+        return None
+
+    def _train_statistics(self, x_train: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel mean and std of the training split only, so nothing of the val/test
+        images leaks into the inputs; cached under `$KDPIPE_CACHE_DIR/stats` (default
+        `~/.cache/kdpipe/stats`) for data read from files, keyed by `stats_key()`."""
+        key = self.stats_key()
+        cache = None
+        if key is not None:
+            blob = json.dumps({"class": type(self).__name__, "key": key, "seed": self.seed,
+                               "val_fraction": self.val_fraction, "test_fraction": self.test_fraction},
+                              sort_keys=True, default=str)
+            root = Path(os.environ.get("KDPIPE_CACHE_DIR", Path.home() / ".cache" / "kdpipe")) / "stats"
+            cache = root / f"{hashlib.sha256(blob.encode()).hexdigest()[:20]}.json"
+            if cache.is_file():
+                saved = json.loads(cache.read_text())
+                if len(saved["mean"]) == x_train.shape[1]:
+                    self.stats_cached = True
+                    return (torch.tensor(saved["mean"]).view(1, -1, 1, 1),
+                            torch.tensor(saved["std"]).view(1, -1, 1, 1))
+        dims = (0, 2, 3)
+        mean = x_train.mean(dim=dims, keepdim=True)
+        std = x_train.std(dim=dims, keepdim=True).clamp_min(1e-6)
+        self.stats_cached = False
+        if cache is not None:
+            try:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps({"mean": mean.flatten().tolist(), "std": std.flatten().tolist()}))
+                os.replace(tmp, cache)  # atomic: a parallel job reads the old file or the new one
+            except OSError:  # a read-only home: the statistics are cheap to recompute
+                pass
+        return mean, std
 
     def _check_shape(self, split: tuple[torch.Tensor, torch.Tensor]) -> None:
         x, y = split

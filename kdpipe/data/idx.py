@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdpipe.data.base import TensorDataModule
+from kdpipe.data.base import TensorDataModule, file_identity
 from kdpipe.errors import ConfigError
 
 _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
@@ -89,6 +89,10 @@ class IDXDataModule(TensorDataModule):
             raise ConfigError(f"data.root={self.root} lacks {', '.join(missing)} (.gz or raw).{hint} "
                               f"Or point data.root at a folder that has them.")
         return found
+
+    def stats_key(self) -> dict:
+        files = [p for pair in self.check_files().values() for p in pair]
+        return {"files": file_identity(files), "limit_train": self.limit_train}
 
     def load_splits(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         out = {}

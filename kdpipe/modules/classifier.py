@@ -45,17 +45,17 @@ class ClassifierModule(pl.LightningModule):
                 f"step {self.global_step}; lower the learning rate or check the loss weights"
             )
         bs = x.shape[0]
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True)
         if len(terms) > 1:
             for name, value in terms.items():
-                self.log(f"train/loss_{name}", value, on_step=False, on_epoch=True, batch_size=bs)
+                self.log(f"train/loss_{name}", value, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
         x, y = batch
         logits = self(x)
         self.val_acc(logits, y)
-        self.log("val/loss", F.cross_entropy(logits, y), on_epoch=True, batch_size=x.shape[0])
+        self.log("val/loss", F.cross_entropy(logits, y), on_epoch=True, batch_size=x.shape[0], sync_dist=True)
         self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True, batch_size=x.shape[0])
 
     def test_step(self, batch, batch_idx: int) -> None:

@@ -16,6 +16,7 @@ from pytorch_lightning.loggers import MLFlowLogger
 
 import kdpipe
 from kdpipe.data.base import TensorDataModule
+from kdpipe.faults import checkpoint_dir, clear_checkpoints, interrupted_runs, owner_tags
 from kdpipe.tracking.store import (
     ARTIFACT_TAG,
     CACHE_KEY_TAG,
@@ -63,6 +64,11 @@ class PipelineContext:
     workdir: Path
     tracking_uri: str
     outputs: dict[str, StageOutput] = field(default_factory=dict)
+    keys: dict[str, str] = field(default_factory=dict)  # stage -> cache key of the stage running now
+    interrupted: dict[str, list] = field(default_factory=dict)  # stage -> runs of killed jobs, newest first
+
+    def checkpoint_root(self) -> str:
+        return str(self.cfg.get("checkpoint_dir") or ".kdpipe/checkpoints")
 
     def section(self, name: str) -> Any:
         node = self.cfg.get(name)
@@ -73,7 +79,10 @@ class PipelineContext:
         kwargs = dict(self.section("trainer"))
         kwargs["max_epochs"] = int(max_epochs)
         logger = MLFlowLogger(tracking_uri=self.tracking_uri, run_id=run_id)
-        ckpt = ModelCheckpoint(dirpath=self.workdir / "checkpoints" / stage, save_last=True, save_top_k=0)
+        # keyed by the stage's cache key, so the same command run again finds it and resumes
+        ckpt_dir = checkpoint_dir(self.checkpoint_root(), self.keys[stage]) if stage in self.keys \
+            else self.workdir / "checkpoints" / stage
+        ckpt = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=1)  # top 1 = the newest epoch
         return pl.Trainer(**kwargs, logger=logger, callbacks=[ckpt, *callbacks],
                           default_root_dir=str(self.workdir))
 
@@ -104,8 +113,9 @@ def run_stage(ctx: PipelineContext, stage: str, sections: Sequence[str], upstrea
               reusable: bool = True) -> StageOutput:
     """Run one stage as a nested MLflow run; reuse a finished run with the same key if any."""
     key = stage_key(ctx, stage, sections, upstream, extra_key)
-    tags = {STAGE_TAG: stage, CACHE_KEY_TAG: key, RUN_TYPE_TAG: "stage"}
+    tags = {STAGE_TAG: stage, CACHE_KEY_TAG: key, RUN_TYPE_TAG: "stage", **owner_tags()}
     with stage_lock(key):
+        ctx.keys[stage], ctx.interrupted[stage] = key, interrupted_runs(key)
         found = find_reusable_run(key) if (reusable and ctx.cfg.reuse) else None
         with mlflow.start_run(run_name=stage, nested=True, tags=tags) as run:
             run_id = run.info.run_id
@@ -133,4 +143,5 @@ def run_stage(ctx: PipelineContext, stage: str, sections: Sequence[str], upstrea
             mlflow.log_artifact(str(product.path), artifact_path="model")
             mlflow.set_tag("kdpipe.model_kind", product.kind)
             mlflow.set_tag(ARTIFACT_TAG, f"model/{product.path.name}")
+            clear_checkpoints(ctx.checkpoint_root(), key)
             return StageOutput(stage, run_id, key, product.path, kind=product.kind)

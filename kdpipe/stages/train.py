@@ -10,6 +10,7 @@ import mlflow
 from hydra.utils import instantiate
 from torch import nn
 
+from kdpipe.faults import fitting, resume_from
 from kdpipe.models.io import build_model, load_model, load_state_dict_any, save_model
 from kdpipe.modules import ClassifierModule, DistillationModule
 from kdpipe.stages.base import PipelineContext, Product, StageOutput, run_stage
@@ -21,7 +22,13 @@ def optim_kwargs(ctx: PipelineContext) -> dict[str, Any]:
 
 def fit(ctx: PipelineContext, stage: str, run_id: str, module, max_epochs: int, callbacks=()) -> None:
     trainer = ctx.trainer(stage, run_id, max_epochs, callbacks)
-    trainer.fit(module, datamodule=ctx.datamodule)
+    ckpt = resume_from(ctx.checkpoint_root(), ctx.keys[stage], stage, ctx.interrupted.get(stage, [])) \
+        if stage in ctx.keys and ctx.cfg.reuse else None
+    try:
+        with fitting():
+            trainer.fit(module, datamodule=ctx.datamodule, ckpt_path=ckpt, weights_only=True)
+    except FloatingPointError as exc:  # a diverged loss: say which stage, keep the term and epoch
+        raise FloatingPointError(f"stage {stage}: {exc}") from exc
 
 
 def is_uri(ref: str) -> bool:

@@ -32,15 +32,18 @@ def setup_tracking(uri: str | None, experiment: str, artifact_location: str | No
     creating it (with `artifact_location` if given) when missing. Returns the experiment id."""
     if uri:
         mlflow.set_tracking_uri(uri)
-    client = MlflowClient()
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        try:
-            exp_id = client.create_experiment(experiment, artifact_location=artifact_location)
-        except mlflow.exceptions.MlflowException:  # another job created it first
-            exp_id = client.get_experiment_by_name(experiment).experiment_id
-    else:
-        exp_id = exp.experiment_id
+    # A new SQLite store is created by migrating an empty file: two jobs starting at once on one
+    # store must not both migrate it (the second fails), so the first access is serialised.
+    with stage_lock("store-init"):
+        client = MlflowClient()
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            try:
+                exp_id = client.create_experiment(experiment, artifact_location=artifact_location)
+            except mlflow.exceptions.MlflowException:  # another job created it first
+                exp_id = client.get_experiment_by_name(experiment).experiment_id
+        else:
+            exp_id = exp.experiment_id
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
 

@@ -1,0 +1,155 @@
+"""Command-line overrides checked against the config they override, before Hydra starts a job.
+
+Hydra's struct mode already refuses a key the config does not have, but its report is a
+multi-line traceback hint; and a value of the wrong type (`distill.temperature=hot`) composes
+fine and fails deep inside training. This check composes the config once per command with the
+first value of every sweep, then turns a refused key into one line naming it (with the closest
+existing key), and compares the type of each `key=value` with the default it replaces. It needs
+no schema listing every key, so options added to config groups are checked as they appear.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from typing import Any
+
+from hydra import compose, initialize_config_dir, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
+from hydra.errors import HydraException
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from kdpipe.errors import ConfigError
+
+# Keys whose values legitimately take several types (Lightning: devices=2 or "auto" or [0, 1];
+# limit_*_batches=10 batches or 0.1 of them).
+MIXED_TYPE_KEYS = {"trainer.devices", "trainer.num_nodes", "trainer.precision", "trainer.strategy",
+                   "trainer.limit_train_batches", "trainer.limit_val_batches", "trainer.limit_test_batches",
+                   "trainer.val_check_interval", "trainer.max_time", "trainer.gradient_clip_val"}
+
+# Flags after which Hydra reads another config than ours: leave those commands to Hydra.
+_OWN_CONFIG_FLAGS = ("-cp", "-cn", "-cd", "--config-path", "--config-name", "--config-dir", "--info", "-i")
+
+
+def _kind(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "a boolean (true/false)"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple, ListConfig)):
+        return "a list"
+    if isinstance(value, (dict, DictConfig)):
+        return "a mapping"
+    return None
+
+
+def _compatible(default: Any, value: Any) -> bool:
+    want, got = _kind(default), _kind(value)
+    if want is None or got is None or want == got:
+        return True
+    if want == "a number" and got == "an integer":
+        return True
+    return want == "a string" and got in ("an integer", "a number", "a boolean (true/false)")
+
+
+def single_value(override: Override) -> str | None:
+    """`key=value` with the first value of a sweep (None for what cannot be enumerated: an
+    interval or glob that a sweeper samples)."""
+    if not override.is_sweep_override():
+        return override.input_line
+    if not override.is_discrete_sweep() or override.value_type.name == "GLOB_CHOICE_SWEEP":
+        return None
+    first = next(iter(override.sweep_string_iterator()), None)
+    return None if first is None else f"{override.get_key_element()}={first}"
+
+
+def _one_line(exc: BaseException) -> str:
+    parts, seen = [], set()
+    while exc is not None:
+        text = " ".join(line.strip() for line in str(exc).split("Config search path")[0].splitlines()
+                        if line.strip())
+        if text and text not in seen and "HYDRA_FULL_ERROR" not in text:
+            parts.append(text)
+            seen.add(text)
+        exc = exc.__cause__
+    return "; ".join(parts)
+
+
+def _unknown_key_message(key: str, value: str, base: DictConfig) -> str:
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(base, parent) if parent else base
+    keys = list(node.keys()) if isinstance(node, DictConfig) else []
+    close = difflib.get_close_matches(leaf, [str(k) for k in keys], n=1)
+    where = f"'{parent}'" if parent else "the root config"
+    hint = f"did you mean {parent + '.' if parent else ''}{close[0]}?" if close else \
+        f"its keys are {', '.join(map(str, keys[:15]))}"
+    return (f"{key}={value}: {where} has no key '{leaf}' ({hint}); "
+            f"to add a new key on purpose write +{key}={value}")
+
+
+def check(args: Sequence[str], config_path: str, config_name: str = "config") -> None:
+    """Raise `ConfigError` (one line, naming the key) on an unknown key or a wrongly typed value."""
+    if any(a.split("=")[0] in _OWN_CONFIG_FLAGS for a in args):
+        return
+    lines = [a for a in args if not a.startswith("-") and "=" in a]
+    if not lines:
+        return
+    try:
+        overrides = OverridesParser.create().parse_overrides(lines)
+    except HydraException as exc:
+        raise ConfigError(_one_line(exc)) from None
+    overrides = [o for o in overrides if not o.is_hydra_override()]
+    if GlobalHydra.instance().is_initialized():  # called from inside a Hydra app: nothing to add
+        return
+    init = initialize_config_module(config_path[len("pkg://"):], version_base="1.3") \
+        if config_path.startswith("pkg://") else initialize_config_dir(config_path, version_base="1.3")
+    with init:
+        repo = GlobalHydra.instance().config_loader().repository
+        groups, values = [], []
+        for o in overrides:
+            line = single_value(o)
+            if line is None:
+                continue
+            is_group = repo.group_exists(o.key_or_group.replace(".", "/")) or "/" in o.key_or_group
+            (groups if is_group or o.is_delete() else values).append((o, line))
+        # one base config per option of a swept group (the others at their first option): a key
+        # is unknown only if no option has it, and is typed by the first option that has it
+        first = [line for _, line in groups]
+        variants = [first]
+        for i, (o, _) in enumerate(groups):
+            if o.is_discrete_sweep():
+                for option in list(o.sweep_string_iterator())[1:]:
+                    variants.append([*first[:i], f"{o.get_key_element()}={option}", *first[i + 1:]])
+        try:
+            bases = [compose(config_name, overrides=v) for v in variants]
+        except HydraException as exc:
+            raise ConfigError(_one_line(exc)) from None
+        for o, _ in values:
+            key = o.key_or_group
+            if o.is_add() or o.is_force_add():
+                continue
+            having = [b for b in bases if OmegaConf.select(b, key, default=_MISSING) is not _MISSING]
+            if not having:
+                raise ConfigError(_unknown_key_message(key, o.input_line.split("=", 1)[1], bases[0]))
+            if key in MIXED_TYPE_KEYS:
+                continue
+            default = OmegaConf.select(having[0], key)
+            given = list(o.sweep_iterator()) if o.is_discrete_sweep() else [o.value()]
+            for new in given:
+                if isinstance(new, str) and "${" in new:  # an interpolation: typed once resolved
+                    continue
+                if not _compatible(default, new):
+                    shown = str(default).lower() if isinstance(default, bool) else default
+                    raise ConfigError(f"{key}={new}: {key} takes {_kind(default)} (default {shown}) but got "
+                                      f"{_kind(new)} {new!r}; e.g. {key}={shown}")
+
+
+_MISSING = object()
