@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from hydra.utils import instantiate
 from torch import nn
 
-from kdpipe.models.io import build_model, load_model, load_state_dict_any, save_model
-from kdpipe.modules import ClassifierModule, DistillationModule
+from kdpipe.data.augment import build_augmentation
+from kdpipe.models.io import build_model, load_state_dict_any, save_model
+from kdpipe.modules import ClassifierModule
 from kdpipe.stages.base import PipelineContext, Product, StageOutput, run_stage
 
 
@@ -50,8 +50,10 @@ def teacher_compute(ctx: PipelineContext, run_id: str) -> Product:
         model.load_state_dict(load_state_dict_any(resolve_checkpoint(str(tcfg.checkpoint))))
         mlflow.set_tag("kdpipe.teacher_source", str(tcfg.checkpoint))
     else:
-        module = ClassifierModule(model, ctx.num_classes, **optim_kwargs(ctx))
-        fit(ctx, "teacher", run_id, module, tcfg.max_epochs)
+        augment = build_augmentation(ctx.section("data").get("augment"), ctx.datamodule.in_shape)
+        for member in getattr(model, "members", None) or [model]:  # an ensemble's members train apart
+            module = ClassifierModule(member, ctx.num_classes, augment=augment, **optim_kwargs(ctx))
+            fit(ctx, "teacher", run_id, module, tcfg.max_epochs)
     return Product(save_model(model, arch, ctx.workdir / "teacher" / "model.pt"))
 
 
@@ -65,17 +67,9 @@ def run_teacher(ctx: PipelineContext) -> StageOutput:
 
 
 def distill_compute(ctx: PipelineContext, run_id: str) -> Product:
-    arch = ctx.section("student")["model"]
-    student = build_model(arch)
-    dcfg = ctx.cfg.distill
-    if dcfg.get("loss") is None:
-        module = ClassifierModule(student, ctx.num_classes, **optim_kwargs(ctx))
-    else:
-        teacher = load_model(ctx.outputs["teacher"].path)
-        loss = instantiate(dcfg.loss)
-        module = DistillationModule(student, teacher, loss, ctx.num_classes, ctx.example_input, **optim_kwargs(ctx))
-    fit(ctx, "distill", run_id, module, dcfg.max_epochs)
-    return Product(save_model(student, arch, ctx.workdir / "distill" / "model.pt"))
+    from kdpipe.distill.schemes import compute_student  # every scheme: offline, online, self
+
+    return compute_student(ctx, run_id)
 
 
 def run_distill(ctx: PipelineContext) -> StageOutput:
