@@ -12,6 +12,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from kdpipe.compress.checks import check_compression
 from kdpipe.distill.checks import validate_distill
 from kdpipe.errors import ConfigError
 from kdpipe.stages.train import is_uri
@@ -47,10 +48,11 @@ def validate(cfg: DictConfig) -> None:
     prune = cfg.prune
     if prune.get("sparsity") is not None and not 0.0 <= float(prune.sparsity) < 1.0:
         raise ConfigError(f"prune.sparsity={prune.sparsity} must lie in [0, 1) (the fraction of weights removed)")
+    check_compression(cfg)
 
     teacher = cfg.get("teacher")
     if teacher is None and distill.get("loss") is not None:
-        raise ConfigError("teacher=none leaves nothing to distill from; pick a teacher or use distill=none")
+        raise ConfigError("~teacher (no teacher) leaves nothing to distill from; pick a teacher or use distill=none")
     if teacher is not None:
         ckpt = teacher.get("checkpoint")
         if ckpt and not is_uri(str(ckpt)) and not Path(str(ckpt)).expanduser().is_file():

@@ -13,7 +13,9 @@ import onnx
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from kdpipe.export import export_onnx
 from kdpipe.models.io import load_model
+from kdpipe.report.plots import accuracy_vs_size
 from kdpipe.report.summary import print_summary
 from kdpipe.stages.base import PipelineContext, StageOutput
 from kdpipe.stages.compress import run_prune, run_quantize
@@ -89,6 +91,10 @@ def run_pipeline(cfg: DictConfig, workdir: Path) -> dict[str, float]:
         with tempfile.TemporaryDirectory() as tmp:
             for path in write_tables(rows, Path(tmp)):
                 mlflow.log_artifact(str(path), artifact_path="tables")
+            mlflow.log_artifact(str(accuracy_vs_size(rows, Path(tmp) / "accuracy_vs_size.png")), artifact_path="plots")
+            if cfg.get("export", {}).get("onnx") and ctx.outputs["last"].kind == "torch":
+                onnx_path = export_onnx(load_model(ctx.outputs["last"].path), ctx.example_input, Path(tmp) / "model.onnx")
+                mlflow.log_artifact(str(onnx_path), artifact_path="model_onnx")
         example = datamodule.example_input(1).numpy()
         log_final_model(ctx.outputs["last"], example)
         mlflow.set_tag("kdpipe.final_stage", final["stage"])

@@ -27,14 +27,20 @@ FAST = [
 ]
 
 
+def use_store(monkeypatch: pytest.MonkeyPatch, root: Path) -> str:
+    """Point MLflow (and the stage locks) at a SQLite store in `root` and work from there."""
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("KDPIPE_LOCK_DIR", str(root / "locks"))
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
 @pytest.fixture
 def store(tmp_path, monkeypatch):
     """A fresh tracking store; the test runs inside its directory."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("KDPIPE_LOCK_DIR", str(tmp_path / "locks"))
-    mlflow.set_tracking_uri(uri)
+    uri = use_store(monkeypatch, tmp_path)
     yield uri
     while mlflow.active_run():
         mlflow.end_run()

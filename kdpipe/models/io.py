@@ -17,12 +17,16 @@ from torch import nn
 FORMAT = "kdpipe-torch/1"
 
 
-def save_model(model: nn.Module, arch: dict[str, Any], path: str | Path, **extra: Any) -> Path:
+def save_model(model: nn.Module, arch: dict[str, Any], path: str | Path,
+               state_dict: dict[str, torch.Tensor] | None = None, **extra: Any) -> Path:
     """Save weights plus the config that rebuilds the architecture. `extra` entries (tensors,
-    numbers, strings, lists, dicts) are stored beside them, e.g. a pruned model's structure."""
+    numbers, strings, lists, dicts) are stored beside them: `sparse` (packed pruned weights,
+    see kdpipe/compress/sparse_format.py, with the rest in `state_dict`) and `structured=True`
+    (channels removed: the built model is shrunk to the saved shapes) are understood on load."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"format": FORMAT, "arch": arch, "state_dict": model.state_dict(), **extra}, path)
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    torch.save({"format": FORMAT, "arch": arch, "state_dict": state_dict, **extra}, path)
     return path
 
 
@@ -30,6 +34,10 @@ def read_model_file(path: str | Path) -> dict[str, Any]:
     payload = torch.load(Path(path), map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not a kdpipe model file (expected a dict with format={FORMAT!r})")
+    if payload.get("sparse"):
+        from kdpipe.compress.sparse_format import unpack_state_dict
+
+        payload["state_dict"] = unpack_state_dict(payload["state_dict"], payload.pop("sparse"))
     return payload
 
 
@@ -41,6 +49,10 @@ def load_model(path: str | Path) -> nn.Module:
     """Rebuild the model saved by `save_model`, in eval mode on the CPU."""
     payload = read_model_file(path)
     model = build_model(payload["arch"])
+    if payload.get("structured"):
+        from kdpipe.compress.structured import resize_to_state_dict
+
+        resize_to_state_dict(model, payload["state_dict"])
     model.load_state_dict(payload["state_dict"])
     return model.eval()
 
@@ -50,7 +62,7 @@ def load_state_dict_any(path: str | Path) -> dict[str, torch.Tensor]:
     prefix) or a bare state dict, all read with `weights_only=True`."""
     payload = torch.load(Path(path), map_location="cpu", weights_only=True)
     if isinstance(payload, dict) and payload.get("format") == FORMAT:
-        return payload["state_dict"]
+        return read_model_file(path)["state_dict"]
     if isinstance(payload, dict) and "state_dict" in payload:
         sd = payload["state_dict"]
         if any(k.startswith("model.") for k in sd):

@@ -22,9 +22,10 @@ def print_summary(rows: list[dict], parent: dict[str, float], ui_command: str, c
             f"{r['latency/p50_ms']:.3f}",
         )
     console.print(table)
-    if "compression/ratio" in parent:
+    if "compression/ratio" in parent and len(rows) > 1:
+        reference = "teacher" if rows[0]["stage"] == "teacher" else rows[0]["stage"]
         console.print(
-            f"compression vs teacher: {parent['compression/ratio']:.2f}x smaller, "
+            f"compression vs {reference}: {parent['compression/ratio']:.2f}x smaller, "
             f"{parent['compression/speedup']:.2f}x faster, accuracy drop {parent['compression/acc_drop']:.2f} points"
         )
     console.print(f"open the MLflow UI on this store: [bold]{ui_command}[/bold]")
