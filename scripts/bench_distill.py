@@ -118,6 +118,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--schemes", nargs="*", default=list(SCHEMES), help="none: only the epoch times")
+    ap.add_argument("--no-timing", action="store_true", help="skip the epoch-time measurement")
     ap.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for every run, e.g. student.model.depth=3")
     ap.add_argument("--out", type=Path, default=REPO / "outputs" / "bench_distill.json")
     args = ap.parse_args()
@@ -149,7 +150,7 @@ def main() -> None:
             results.setdefault(scheme, []).append(metrics["test/acc"])
             print(f"{scheme:10s} seed {seed}: test/acc {metrics['test/acc']:.4f} ({time.time() - t1:.0f}s)", flush=True)
 
-    times = epoch_times(compose_cfg([*base, "seed=0"]), teacher_path, args.epochs)
+    times = {} if args.no_timing else epoch_times(compose_cfg([*base, "seed=0"]), teacher_path, args.epochs)
     student_params = sum(p.numel() for p in build_model(OmegaConf.to_container(compose_cfg(base).student.model, resolve=True)).parameters())
     teacher_params = sum(p.numel() for p in load_model(teacher_path).parameters())
 
@@ -162,7 +163,8 @@ def main() -> None:
         mean, std = 100 * statistics.mean(accs), 100 * (statistics.stdev(accs) if len(accs) > 1 else 0.0)
         delta = "" if scratch is None or scheme == "scratch" else f"{mean - 100 * scratch:+.2f}"
         lines.append(f"| {scheme} | {mean:.2f} ± {std:.2f} | {delta} |")
-    lines += ["", "| epoch (training part) | wall s | × scratch | CPU s | × scratch |", "|---|---|---|---|---|"]
+    if times:
+        lines += ["", "| epoch (training part) | wall s | × scratch | CPU s | × scratch |", "|---|---|---|---|---|"]
     for name, t in times.items():
         lines.append(f"| {name} | {t['wall']:.2f} | {t['wall'] / times['scratch']['wall']:.2f} | "
                      f"{t['cpu']:.2f} | {t['cpu'] / times['scratch']['cpu']:.2f} |")
