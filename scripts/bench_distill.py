@@ -134,7 +134,8 @@ def main() -> None:
             "teacher.model.width=16", "prune=none", "quantize=none",
             "eval.latency_iters=5", "eval.latency_warmup=1", "tracking.experiment=bench_distill", *args.override]
     t0 = time.time()
-    teacher_run = run_pipeline(compose_cfg([*base, "seed=0", "distill=none"]), tmp / "teacher")
+    teacher_base = [o for o in base if not o.startswith("distill.")]  # distill=none has no scheme keys
+    teacher_run = run_pipeline(compose_cfg([*teacher_base, "seed=0", "distill=none"]), tmp / "teacher")
     teacher_path = tmp / "teacher" / "teacher" / "model.pt"
     teacher_acc = next(r for r in mlflow.search_runs(experiment_names=["bench_distill"], output_format="list")
                        if r.data.tags.get("kdpipe.stage") == "teacher").data.metrics["test/acc"]
@@ -150,8 +151,8 @@ def main() -> None:
             results.setdefault(scheme, []).append(metrics["test/acc"])
             print(f"{scheme:10s} seed {seed}: test/acc {metrics['test/acc']:.4f} ({time.time() - t1:.0f}s)", flush=True)
 
-    times = {} if args.no_timing else epoch_times(compose_cfg([*base, "seed=0"]), teacher_path, args.epochs)
-    student_params = sum(p.numel() for p in build_model(OmegaConf.to_container(compose_cfg(base).student.model, resolve=True)).parameters())
+    times = {} if args.no_timing else epoch_times(compose_cfg([*teacher_base, "seed=0"]), teacher_path, args.epochs)
+    student_params = sum(p.numel() for p in build_model(OmegaConf.to_container(compose_cfg(teacher_base).student.model, resolve=True)).parameters())
     teacher_params = sum(p.numel() for p in load_model(teacher_path).parameters())
 
     lines = [f"Fashion-MNIST, {args.limit_train} training images, {args.epochs} epochs, seeds {args.seeds}; "
