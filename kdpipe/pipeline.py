@@ -21,6 +21,7 @@ from kdpipe.stages.base import PipelineContext, StageOutput
 from kdpipe.stages.compress import run_prune, run_quantize
 from kdpipe.stages.evaluate import run_evaluate, write_tables
 from kdpipe.stages.train import run_distill, run_teacher
+from kdpipe.tracking.naming import SWEEP_TAG, run_name, sweep_id, tag_child_runs
 from kdpipe.tracking.store import RUN_TYPE_TAG, flatten, log_flat_params, setup_tracking
 
 log = logging.getLogger("kdpipe")
@@ -60,6 +61,23 @@ def log_final_model(final: StageOutput, example: np.ndarray) -> None:
                                  pip_requirements=PIP_REQUIREMENTS)
 
 
+def _run_identity(cfg: DictConfig) -> tuple[str, dict[str, str]]:
+    """The pipeline run's name (`cfg.run_name`, else built from the config and the overridden
+    keys) and its tags (`kdpipe.sweep` in a multirun)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    overrides, multirun, sweep_dir = [], False, None
+    if HydraConfig.initialized():
+        hc = HydraConfig.get()
+        overrides, multirun, sweep_dir = list(hc.overrides.task), hc.mode == RunMode.MULTIRUN, hc.sweep.dir
+    tags = {RUN_TYPE_TAG: "pipeline"}
+    sweep = sweep_id(multirun, sweep_dir)
+    if sweep:
+        tags[SWEEP_TAG] = sweep
+    return cfg.get("run_name") or run_name(cfg, overrides), tags
+
+
 def run_pipeline(cfg: DictConfig, workdir: Path) -> dict[str, float]:
     """Run every stage that is not `none`; return the parent run's metrics."""
     uri = cfg.tracking.uri or mlflow.get_tracking_uri()
@@ -69,7 +87,8 @@ def run_pipeline(cfg: DictConfig, workdir: Path) -> dict[str, float]:
     workdir.mkdir(parents=True, exist_ok=True)
     ctx = PipelineContext(cfg, datamodule, workdir, mlflow.get_tracking_uri())
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    with mlflow.start_run(run_name=cfg.get("run_name") or "pipeline", tags={RUN_TYPE_TAG: "pipeline"}) as parent:
+    name, tags = _run_identity(cfg)
+    with mlflow.start_run(run_name=name, tags=tags) as parent:
         log_flat_params(parent.info.run_id, flatten(resolved))
         cfg_file = workdir / "config.yaml"
         cfg_file.write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -98,5 +117,7 @@ def run_pipeline(cfg: DictConfig, workdir: Path) -> dict[str, float]:
         example = datamodule.example_input(1).numpy()
         log_final_model(ctx.outputs["last"], example)
         mlflow.set_tag("kdpipe.final_stage", final["stage"])
+        if SWEEP_TAG in tags:
+            tag_child_runs(parent.info.run_id, {SWEEP_TAG: tags[SWEEP_TAG]})
     print_summary(rows, parent_metrics, ui_command(ctx.tracking_uri))
     return parent_metrics
