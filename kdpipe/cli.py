@@ -30,6 +30,8 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     # Expected: a resumed stage checkpoints into the folder its interrupted run left.
     warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
+    # data.augment runs in the module's on_after_batch_transfer on purpose (teacher and student see one view).
+    warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 

@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from kdpipe.compress.checks import check_compression
+from kdpipe.distill.checks import validate_distill
 from kdpipe.errors import ConfigError
 from kdpipe.stages.train import is_uri
 
@@ -68,3 +69,4 @@ def validate(cfg: DictConfig) -> None:
             while cause.__cause__ is not None:
                 cause = cause.__cause__
             raise ConfigError(str(cause)) from exc
+    validate_distill(cfg)

@@ -6,6 +6,9 @@ already weighted terms; the training module sums them and logs each as `train/lo
 """
 
 from kdpipe.losses.base import DistillLoss, DistillOutputs
-from kdpipe.losses.response import HintonKD, soft_kl
+from kdpipe.losses.feature import AttentionTransfer, FitNet
+from kdpipe.losses.relation import RelationalKD, SimilarityPreserving
+from kdpipe.losses.response import DecoupledKD, HintonKD, soft_kl
 
-__all__ = ["DistillLoss", "DistillOutputs", "HintonKD", "soft_kl"]
+__all__ = ["AttentionTransfer", "DecoupledKD", "DistillLoss", "DistillOutputs", "FitNet", "HintonKD",
+           "RelationalKD", "SimilarityPreserving", "soft_kl"]

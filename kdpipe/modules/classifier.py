@@ -20,9 +20,10 @@ class ClassifierModule(pl.LightningModule):
     """
 
     def __init__(self, model: nn.Module, num_classes: int, lr: float = 1e-3, weight_decay: float = 0.0,
-                 optimizer: str = "adamw", scheduler: str = "cosine") -> None:
+                 optimizer: str = "adamw", scheduler: str = "cosine", augment: nn.Module | None = None) -> None:
         super().__init__()
         self.model = model
+        self.augment = augment  # batch augmentation (kdpipe.data.augment), training batches only
         self.lr, self.weight_decay = lr, weight_decay
         self.optimizer_name, self.scheduler_name = optimizer, scheduler
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
@@ -30,6 +31,14 @@ class ClassifierModule(pl.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Augment on the device, before the step: whatever the step runs (student, teacher,
+        peers) sees this one view."""
+        if self.augment is not None and self.trainer.training:
+            x, *rest = batch
+            batch = (self.augment(x), *rest)
+        return batch
 
     def training_loss(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"ce": F.cross_entropy(self.model(x), y)}

@@ -5,18 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kdpipe.losses.base import DistillLoss, DistillOutputs
+from kdpipe.losses.base import DistillLoss, DistillOutputs, find_module
 from kdpipe.modules.classifier import ClassifierModule
-
-
-def find_module(model: nn.Module, path: str, role: str) -> nn.Module:
-    """The submodule at `path` (e.g. `features.2`, `layer3`), or a clear error listing the
-    valid paths."""
-    modules = dict(model.named_modules())
-    if path not in modules:
-        valid = ", ".join(name for name in modules if name) or "(none)"
-        raise ValueError(f"{role} has no layer {path!r}; valid module paths: {valid}")
-    return modules[path]
 
 
 class FeatureHooks:
@@ -68,9 +58,19 @@ class DistillationModule(ClassifierModule):
         self.teacher.eval()
         return self
 
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        if len(batch) == 3:  # (x, y, teacher logits precomputed by kdpipe.distill.cache)
+            x, y, self._cached_logits = batch
+            batch = (x, y)
+        return super().training_step(batch, batch_idx)
+
     def training_loss(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            teacher_logits = self.teacher(x)
+        cached, self._cached_logits = getattr(self, "_cached_logits", None), None
+        if cached is not None:
+            teacher_logits = cached  # the teacher does not run at all
+        else:
+            with torch.no_grad():
+                teacher_logits = self.teacher(x)
         student_logits = self.model(x)
         out = DistillOutputs(student_logits, teacher_logits, y, self.student_hooks.pop(), self.teacher_hooks.pop())
         return self.loss(out)

@@ -66,6 +66,16 @@ class PipelineContext:
     outputs: dict[str, StageOutput] = field(default_factory=dict)
     keys: dict[str, str] = field(default_factory=dict)  # stage -> cache key of the stage running now
     interrupted: dict[str, list] = field(default_factory=dict)  # stage -> runs of killed jobs, newest first
+    fits: dict[str, int] = field(default_factory=dict)  # stage -> Lightning fits started so far
+
+    def fit_key(self, stage: str) -> str | None:
+        """The checkpoint key of the next fit of `stage`. A stage may fit several models in turn
+        (ensemble members, assistant chains, generations): each gets its own folder, in the same
+        order on a re-run, so a resumed stage never loads one model's checkpoint into another."""
+        part = self.fits.get(stage, 0)
+        self.fits[stage] = part + 1
+        key = self.keys.get(stage)
+        return None if key is None else (key if part == 0 else f"{key}/fit{part}")
 
     def checkpoint_root(self) -> str:
         return str(self.cfg.get("checkpoint_dir") or ".kdpipe/checkpoints")
@@ -74,13 +84,15 @@ class PipelineContext:
         node = self.cfg.get(name)
         return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
-    def trainer(self, stage: str, run_id: str, max_epochs: int, callbacks: Sequence[Callback] = ()) -> pl.Trainer:
+    def trainer(self, stage: str, run_id: str, max_epochs: int, callbacks: Sequence[Callback] = (),
+                ckpt_key: str | None = None) -> pl.Trainer:
         """A Lightning Trainer whose per-epoch curves go to the stage's MLflow run."""
         kwargs = dict(self.section("trainer"))
         kwargs["max_epochs"] = int(max_epochs)
         logger = MLFlowLogger(tracking_uri=self.tracking_uri, run_id=run_id)
         # keyed by the stage's cache key, so the same command run again finds it and resumes
-        ckpt_dir = checkpoint_dir(self.checkpoint_root(), self.keys[stage]) if stage in self.keys \
+        ckpt_key = ckpt_key or self.fit_key(stage)
+        ckpt_dir = checkpoint_dir(self.checkpoint_root(), ckpt_key) if ckpt_key \
             else self.workdir / "checkpoints" / stage
         ckpt = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=1)  # top 1 = the newest epoch
         return pl.Trainer(**kwargs, logger=logger, callbacks=[ckpt, *callbacks],

@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from hydra.utils import instantiate
 from torch import nn
 
+from kdpipe.data.augment import build_augmentation
 from kdpipe.faults import fitting, resume_from
-from kdpipe.models.io import build_model, load_model, load_state_dict_any, save_model
-from kdpipe.modules import ClassifierModule, DistillationModule
+from kdpipe.models.io import build_model, load_state_dict_any, save_model
+from kdpipe.modules import ClassifierModule
 from kdpipe.stages.base import PipelineContext, Product, StageOutput, run_stage
 
 
@@ -21,9 +21,10 @@ def optim_kwargs(ctx: PipelineContext) -> dict[str, Any]:
 
 
 def fit(ctx: PipelineContext, stage: str, run_id: str, module, max_epochs: int, callbacks=()) -> None:
-    trainer = ctx.trainer(stage, run_id, max_epochs, callbacks)
-    ckpt = resume_from(ctx.checkpoint_root(), ctx.keys[stage], stage, ctx.interrupted.get(stage, [])) \
-        if stage in ctx.keys and ctx.cfg.reuse else None
+    key = ctx.fit_key(stage)
+    trainer = ctx.trainer(stage, run_id, max_epochs, callbacks, ckpt_key=key)
+    ckpt = resume_from(ctx.checkpoint_root(), key, stage, ctx.interrupted.get(stage, [])) \
+        if key and ctx.cfg.reuse else None
     try:
         with fitting():
             trainer.fit(module, datamodule=ctx.datamodule, ckpt_path=ckpt, weights_only=True)
@@ -57,8 +58,10 @@ def teacher_compute(ctx: PipelineContext, run_id: str) -> Product:
         model.load_state_dict(load_state_dict_any(resolve_checkpoint(str(tcfg.checkpoint))))
         mlflow.set_tag("kdpipe.teacher_source", str(tcfg.checkpoint))
     else:
-        module = ClassifierModule(model, ctx.num_classes, **optim_kwargs(ctx))
-        fit(ctx, "teacher", run_id, module, tcfg.max_epochs)
+        augment = build_augmentation(ctx.section("data").get("augment"), ctx.datamodule.in_shape)
+        for member in getattr(model, "members", None) or [model]:  # an ensemble's members train apart
+            module = ClassifierModule(member, ctx.num_classes, augment=augment, **optim_kwargs(ctx))
+            fit(ctx, "teacher", run_id, module, tcfg.max_epochs)
     return Product(save_model(model, arch, ctx.workdir / "teacher" / "model.pt"))
 
 
@@ -72,17 +75,9 @@ def run_teacher(ctx: PipelineContext) -> StageOutput:
 
 
 def distill_compute(ctx: PipelineContext, run_id: str) -> Product:
-    arch = ctx.section("student")["model"]
-    student = build_model(arch)
-    dcfg = ctx.cfg.distill
-    if dcfg.get("loss") is None:
-        module = ClassifierModule(student, ctx.num_classes, **optim_kwargs(ctx))
-    else:
-        teacher = load_model(ctx.outputs["teacher"].path)
-        loss = instantiate(dcfg.loss)
-        module = DistillationModule(student, teacher, loss, ctx.num_classes, ctx.example_input, **optim_kwargs(ctx))
-    fit(ctx, "distill", run_id, module, dcfg.max_epochs)
-    return Product(save_model(student, arch, ctx.workdir / "distill" / "model.pt"))
+    from kdpipe.distill.schemes import compute_student  # every scheme: offline, online, self
+
+    return compute_student(ctx, run_id)
 
 
 def run_distill(ctx: PipelineContext) -> StageOutput:

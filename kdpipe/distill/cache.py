@@ -1,0 +1,95 @@
+"""The teacher's outputs on the training set, computed once and stored with the teacher's run.
+
+Why: in offline distillation without augmentation the teacher sees the same images every
+epoch, so its forward pass is the same work repeated; with the logits precomputed, a
+distillation epoch costs about what a scratch epoch costs. The file is an artefact of the
+teacher stage's run (`teacher_outputs/train_logits.pt`), so it is keyed like that run (its
+cache key covers the teacher config, the data config and the seed, i.e. the training set) and
+every later student of that teacher reuses it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import mlflow
+import torch
+from mlflow.tracking import MlflowClient
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from kdpipe.errors import ConfigError
+from kdpipe.stages.base import PipelineContext, StageOutput
+from kdpipe.tracking.store import stage_lock
+
+log = logging.getLogger("kdpipe")
+
+CACHE_TAG = "kdpipe.teacher_cache"  # on the distill run: computed | reused | off
+ARTIFACT_DIR = "teacher_outputs"
+
+
+def cache_blockers(augment: bool, teacher_layers: tuple[str, ...], chain: bool) -> list[str]:
+    """Why the teacher's outputs cannot be precomputed (empty when they can)."""
+    reasons = []
+    if augment:
+        reasons.append("data.augment is set, so the teacher must see each new augmented view")
+    if teacher_layers:
+        reasons.append(f"the loss reads teacher features ({', '.join(teacher_layers)}), not only logits")
+    if chain:
+        reasons.append("distill.chain is set, so each assistant is the next link's teacher")
+    return reasons
+
+
+def use_cache(mode, blockers: list[str]) -> bool:
+    """`distill.cache_teacher`: auto (when nothing blocks it), true (error if something does), false."""
+    mode = str(mode).lower()
+    if mode not in ("auto", "true", "false"):
+        raise ConfigError(f"distill.cache_teacher={mode} must be auto, true or false")
+    if mode == "true" and blockers:
+        raise ConfigError(f"distill.cache_teacher=true is impossible here: {'; '.join(blockers)}. "
+                          f"Use distill.cache_teacher=auto or false")
+    return mode != "false" and not blockers
+
+
+@torch.no_grad()
+def compute_logits(teacher: nn.Module, train_set: TensorDataset, batch_size: int = 512) -> torch.Tensor:
+    teacher.eval()
+    loader = DataLoader(train_set, batch_size=batch_size, shuffle=False)
+    return torch.cat([teacher(batch[0]) for batch in loader])
+
+
+def teacher_train_logits(ctx: PipelineContext, teacher_out: StageOutput, teacher: nn.Module,
+                         suffix: str = "") -> torch.Tensor:
+    """The teacher's logits for every training sample, in dataset order: fetched from the teacher
+    run's artefacts when an earlier student stored them, else computed and stored there."""
+    source = teacher_out.reused_from or teacher_out.run_id
+    name = f"train_logits{suffix}.pt"
+    client = MlflowClient()
+    n = len(ctx.datamodule.train_set)
+    local_dir = ctx.workdir / ARTIFACT_DIR
+    with stage_lock(f"{teacher_out.cache_key}/{name}"):
+        stored = {Path(f.path).name for f in client.list_artifacts(source, ARTIFACT_DIR)}
+        if name in stored:
+            local = mlflow.artifacts.download_artifacts(run_id=source, artifact_path=f"{ARTIFACT_DIR}/{name}",
+                                                        dst_path=str(local_dir))
+            logits = torch.load(local, map_location="cpu", weights_only=True)
+            if isinstance(logits, torch.Tensor) and len(logits) == n:
+                mlflow.set_tag(CACHE_TAG, "reused")
+                log.info("distill: teacher logits reused from run %s", source)
+                return logits
+            log.warning("distill: cached teacher logits of run %s do not match the training set; recomputing", source)
+        logits = compute_logits(teacher, ctx.datamodule.train_set)
+        local_dir.mkdir(parents=True, exist_ok=True)
+        path = local_dir / name
+        torch.save(logits, path)
+        client.log_artifact(source, str(path), ARTIFACT_DIR)
+        mlflow.set_tag(CACHE_TAG, "computed")
+        return logits
+
+
+def cached_train_loader(ctx: PipelineContext, logits: torch.Tensor) -> DataLoader:
+    """The training loader with the teacher's logits as a third column: shuffled together with
+    the images (same seeded order as the plain loader), so they always stay aligned."""
+    x, y = ctx.datamodule.train_set.tensors
+    return ctx.datamodule._loader(TensorDataset(x, y, logits), shuffle=True)
