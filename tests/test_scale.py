@@ -129,7 +129,7 @@ def test_two_sweeps_at_once_on_one_local_store_lose_nothing(tmp_path):
         model = mlflow.pytorch.load_model(f"runs:/{p.info.run_id}/model")
         assert model(torch.zeros(1, 1, 8, 8)).shape == (1, 4)
     # each job wrote its files to its own output folder
-    jobs = [d for d in Path(tmp_path, "outputs", "multirun").glob("*/*/*") if d.is_dir()]
+    jobs = [d for d in Path(tmp_path, "outputs", "multirun").glob("*/*/*") if d.is_dir() and d.name.isdigit()]
     assert len(jobs) == 4
 
 

@@ -160,7 +160,7 @@ def test_experiments_and_the_slurm_launcher_compose():
 def test_optuna_search_runs_trials_and_returns_the_best_parameters(joblib_sweep, tmp_path):
     """Against the sweep's store, so the search reuses the teacher the sweep trained."""
     env = {"MLFLOW_TRACKING_URI": joblib_sweep["uri"], "KDPIPE_LOCK_DIR": str(joblib_sweep["root"] / "locks")}
-    res = run_cli(["-m", "hparams_search=optuna", *FAST, "quantize=none", "prune.finetune_epochs=1",
+    res = run_cli(["-m", "hparams_search=optuna", *FAST, "quantize=none", "prune.finetune.epochs=1",
                    "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler.n_startup_trials=2"], tmp_path, env)
     assert res.returncode == 0, res.stderr[-3000:]
     (results,) = (tmp_path / "outputs" / "multirun").glob("*/*/optimization_results.yaml")

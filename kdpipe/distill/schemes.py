@@ -71,12 +71,7 @@ def train_offline(ctx: PipelineContext, run_id: str, student: nn.Module, teacher
                   optim: dict, cached=None, stage: str = "distill") -> DistillationModule:
     module = DistillationModule(student, teacher, loss, ctx.num_classes, ctx.example_input, **optim)
     epochs = int(ctx.cfg.distill.max_epochs)
-    if cached is None:
-        fit(ctx, stage, run_id, module, epochs)
-    else:
-        trainer = ctx.trainer(stage, run_id, epochs)
-        trainer.fit(module, train_dataloaders=cached_train_loader(ctx, cached),
-                    val_dataloaders=ctx.datamodule.val_dataloader())
+    fit(ctx, stage, run_id, module, epochs, train_loader=None if cached is None else cached_train_loader(ctx, cached))
     return module
 
 

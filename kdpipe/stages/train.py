@@ -20,14 +20,21 @@ def optim_kwargs(ctx: PipelineContext) -> dict[str, Any]:
     return dict(ctx.section("optim"))
 
 
-def fit(ctx: PipelineContext, stage: str, run_id: str, module, max_epochs: int, callbacks=()) -> None:
+def fit(ctx: PipelineContext, stage: str, run_id: str, module, max_epochs: int, callbacks=(),
+        train_loader=None) -> None:
+    """Fit on the data module (or on `train_loader`, e.g. batches that carry cached teacher
+    logits), resuming from the checkpoint an interrupted run of this stage left."""
     key = ctx.fit_key(stage)
     trainer = ctx.trainer(stage, run_id, max_epochs, callbacks, ckpt_key=key)
     ckpt = resume_from(ctx.checkpoint_root(), key, stage, ctx.interrupted.get(stage, [])) \
         if key and ctx.cfg.reuse else None
     try:
         with fitting():
-            trainer.fit(module, datamodule=ctx.datamodule, ckpt_path=ckpt, weights_only=True)
+            if train_loader is None:
+                trainer.fit(module, datamodule=ctx.datamodule, ckpt_path=ckpt, weights_only=True)
+            else:
+                trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=ctx.datamodule.val_dataloader(),
+                            ckpt_path=ckpt, weights_only=True)
     except FloatingPointError as exc:  # a diverged loss: say which stage, keep the term and epoch
         raise FloatingPointError(f"stage {stage}: {exc}") from exc
 
