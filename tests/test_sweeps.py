@@ -149,7 +149,10 @@ def test_experiments_and_the_slurm_launcher_compose():
             cfg = compose("config", overrides=[f"experiment={name}"], return_hydra_config=True)
             assert swept in cfg.hydra.sweeper.params and cfg.tracking.experiment == name
         cfg = compose("config", overrides=["experiment=scheme_comparison"], return_hydra_config=True)
-        assert cfg.hydra.sweeper.params["distill"] == "none,kd"
+        schemes = cfg.hydra.sweeper.params["distill"].split(",")
+        assert schemes[0] == "none" and len(schemes) == 9  # scratch against every scheme
+        for scheme in schemes:  # each is a real option of the distill group
+            assert compose("config", overrides=[f"distill={scheme}"]).distill
         slurm = compose("config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
         assert "SlurmLauncher" in slurm.hydra.launcher._target_
         optuna = compose("config", overrides=["hparams_search=optuna"], return_hydra_config=True)
