@@ -1,0 +1,1 @@
+"""kdpipe's Hydra config groups, shipped inside the package as kdpipe.conf."""
