@@ -235,4 +235,4 @@ def test_gradual_magnitude_pruning_reaches_its_target_and_shrinks_the_file(share
     client = MlflowClient()
     assert [a.path for a in client.list_artifacts(parent.info.run_id, "model_onnx")] == ["model_onnx/model.onnx"]
     table = mlflow.artifacts.load_text(f"runs:/{prune.info.run_id}/tables/layer_sparsity.csv").splitlines()
-    assert table[0] == "layer,shape,weights,zeros,sparsity" and len(table) == 1 + 3  # two convs + classifier
+    assert table[0] == "layer,shape,weights,zeros,sparsity" and len(table) == 1 + 4  # three convs + classifier
