@@ -231,7 +231,6 @@ def test_gradual_magnitude_pruning_reaches_its_target_and_shrinks_the_file(share
     history = MlflowClient().get_metric_history(prune.info.run_id, "prune/schedule_sparsity")
     values = [m.value for m in sorted(history, key=lambda m: m.step)]
     assert len(values) >= 3 and values == sorted(values) and values[-1] == pytest.approx(0.8)
-    assert stages["distill"].data.tags.get("kdpipe.reused_from"), "the student is trained once per module"
     client = MlflowClient()
     assert [a.path for a in client.list_artifacts(parent.info.run_id, "model_onnx")] == ["model_onnx/model.onnx"]
     table = mlflow.artifacts.load_text(f"runs:/{prune.info.run_id}/tables/layer_sparsity.csv").splitlines()
