@@ -123,3 +123,14 @@ def test_teacher_loads_from_a_checkpoint_path_and_from_an_mlflow_uri(store, tmp_
     for r in loaded:
         assert r.data.metrics["test/acc"] == pytest.approx(trained.data.metrics["test/acc"])
     assert isinstance(load_model(local), torch.nn.Module)
+
+
+def test_summary_explains_an_int8_model_slower_or_larger_than_its_source():
+    from kdpipe.report.summary import pitfall_notes
+
+    fp32 = {"stage": "prune", "kind": "torch", "latency/p50_ms": 0.01, "model/size_bytes": 100.0, "model/flops": 8e4}
+    int8 = {"stage": "quantize", "kind": "onnx", "latency/p50_ms": 0.03, "model/size_bytes": 200.0, "model/flops": 8e4}
+    notes = pitfall_notes([fp32, int8])
+    assert len(notes) == 2 and "slower" in notes[0] and "larger" in notes[1]
+    fast = {**int8, "latency/p50_ms": 0.005, "model/size_bytes": 50.0}
+    assert pitfall_notes([fp32, fast]) == []

@@ -28,7 +28,28 @@ def print_summary(rows: list[dict], parent: dict[str, float], ui_command: str, c
             f"compression vs {reference}: {parent['compression/ratio']:.2f}x smaller, "
             f"{parent['compression/speedup']:.2f}x faster, accuracy drop {parent['compression/acc_drop']:.2f} points"
         )
+    for note in pitfall_notes(rows):
+        console.print(f"[yellow]note:[/yellow] {note}")
     console.print(f"open the MLflow UI on this store: [bold]{ui_command}[/bold]")
+
+
+def pitfall_notes(rows: list[dict]) -> list[str]:
+    """What the table shows that a practitioner should not misread: an int8 model slower or
+    larger than the fp32 model it was made from (per-op overhead dominates tiny models)."""
+    notes = []
+    for prev, row in zip(rows, rows[1:], strict=False):
+        if row["kind"] != "onnx":
+            continue
+        if row["latency/p50_ms"] > prev["latency/p50_ms"]:
+            notes.append(
+                f"the int8 model runs slower than its fp32 source ({row['latency/p50_ms']:.3f} vs "
+                f"{prev['latency/p50_ms']:.3f} ms): at {row['model/flops'] / 1e6:.2f} MFLOPs per sample, "
+                "per-op overhead and the (de)quantization of inputs cost more than int8 kernels save; "
+                "int8 pays off on larger models (docs/compression.md)")
+        if row["model/size_bytes"] > prev["model/size_bytes"]:
+            notes.append("the int8 file is larger than its source: the source is stored sparse (magnitude "
+                         "pruning) or few weights were quantized (quantize=dynamic skips convolutions)")
+    return notes
 
 
 def _bytes(n: float) -> str:
