@@ -45,7 +45,7 @@ def run_name(cfg: DictConfig, overrides: Sequence[str] = ()) -> str:
         parts.append(f"{str(method)[:3]}{round(100 * float(cfg.prune.get('sparsity', 0.0)))}")
     mode = cfg.quantize.get("mode", "none")
     if mode != "none":
-        parts.append("int8" if mode == "dynamic" else f"int8-{mode}")
+        parts.append("int8" if mode == "static" else f"int8-{mode}")  # static is the default mode
     keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
     if "seed" in keys or int(cfg.get("seed", 0)) != 0:
         parts.append(f"s{cfg.seed}")
