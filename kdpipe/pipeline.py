@@ -22,7 +22,7 @@ from kdpipe.stages.base import PipelineContext, StageOutput
 from kdpipe.stages.compress import run_prune, run_quantize
 from kdpipe.stages.evaluate import run_evaluate, write_tables
 from kdpipe.stages.train import run_distill, run_teacher
-from kdpipe.tracking.naming import SWEEP_TAG, run_name, sweep_id, tag_child_runs
+from kdpipe.tracking.naming import SWEEP_TAG, run_name, sweep_id
 from kdpipe.tracking.store import RUN_TYPE_TAG, flatten, log_flat_params, setup_tracking
 
 log = logging.getLogger("kdpipe")
@@ -118,7 +118,5 @@ def run_pipeline(cfg: DictConfig, workdir: Path) -> dict[str, float]:
         example = datamodule.example_input(1).numpy()
         log_final_model(ctx.outputs["last"], example)
         mlflow.set_tag("kdpipe.final_stage", final["stage"])
-        if SWEEP_TAG in tags:
-            tag_child_runs(parent.info.run_id, {SWEEP_TAG: tags[SWEEP_TAG]})
     print_summary(rows, parent_metrics, ui_command(ctx.tracking_uri))
     return parent_metrics

@@ -17,6 +17,7 @@ from pytorch_lightning.loggers import MLFlowLogger
 import kdpipe
 from kdpipe.data.base import TensorDataModule
 from kdpipe.faults import checkpoint_dir, clear_checkpoints, interrupted_runs, owner_tags
+from kdpipe.tracking.naming import SWEEP_TAG
 from kdpipe.tracking.store import (
     ARTIFACT_TAG,
     CACHE_KEY_TAG,
@@ -126,6 +127,9 @@ def run_stage(ctx: PipelineContext, stage: str, sections: Sequence[str], upstrea
     """Run one stage as a nested MLflow run; reuse a finished run with the same key if any."""
     key = stage_key(ctx, stage, sections, upstream, extra_key)
     tags = {STAGE_TAG: stage, CACHE_KEY_TAG: key, RUN_TYPE_TAG: "stage", **owner_tags()}
+    parent = mlflow.active_run()
+    if parent is not None and SWEEP_TAG in parent.data.tags:  # a sweep filter finds stage runs too
+        tags[SWEEP_TAG] = parent.data.tags[SWEEP_TAG]
     with stage_lock(key):
         ctx.keys[stage], ctx.interrupted[stage] = key, interrupted_runs(key)
         found = find_reusable_run(key) if (reusable and ctx.cfg.reuse) else None

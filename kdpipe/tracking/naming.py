@@ -69,16 +69,3 @@ def sweep_id(multirun: bool, sweep_dir: str | None) -> str | None:
     if env:
         return env
     return str(sweep_dir) if multirun and sweep_dir else None
-
-
-def tag_child_runs(parent_run_id: str, tags: dict[str, str]) -> None:
-    """Copy `tags` onto every stage run of a pipeline run, so a sweep filter finds them too."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient()
-    children = mlflow.search_runs(search_all_experiments=True, output_format="list",
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
-    for run in children:
-        for key, value in tags.items():
-            client.set_tag(run.info.run_id, key, value)
