@@ -17,9 +17,8 @@ log = logging.getLogger("kdpipe")
 
 class SweepCallback(Callback):
     """`on_multirun_start` runs in the launching process before any job: it fixes the sweep id
-    (Hydra's sweep directory) in $KDPIPE_SWEEP, which launcher processes inherit, and, for a
-    parallel launcher, creates the tracking store and experiment once, so parallel jobs never race
-    to create the SQLite schema.
+    (Hydra's sweep directory) in $KDPIPE_SWEEP, which launcher processes inherit (parallel jobs
+    creating one SQLite store are serialised by `setup_tracking` itself).
     `on_multirun_end` writes the sweep report into `<sweep dir>/report` and logs it as a run."""
 
     def __init__(self, report: bool = True) -> None:
@@ -30,14 +29,6 @@ class SweepCallback(Callback):
         if not os.environ.get(SWEEP_ENV):
             os.environ[SWEEP_ENV] = str(config.hydra.sweep.dir)
             self._set_env = True
-        if "BasicLauncher" in str(config.hydra.launcher.get("_target_", "")):
-            return  # jobs run one after another in this process: no race, and nothing made before validation
-        from kdpipe.tracking.store import setup_tracking
-
-        try:
-            setup_tracking(config.tracking.uri, config.tracking.experiment, config.tracking.get("artifact_location"))
-        except Exception as exc:  # a bad store is reported by the first job, with its context
-            log.warning("could not open the tracking store before the sweep: %s", exc)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep = os.environ.get(SWEEP_ENV)

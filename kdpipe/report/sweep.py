@@ -23,6 +23,7 @@ import pandas as pd  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from kdpipe.errors import ConfigError  # noqa: E402
+from kdpipe.report.tables import fmt, markdown_table  # noqa: E402
 from kdpipe.tracking.naming import SWEEP_TAG  # noqa: E402
 from kdpipe.tracking.store import RUN_TYPE_TAG  # noqa: E402
 
@@ -139,21 +140,11 @@ def _markdown(df: pd.DataFrame, std: bool) -> str:
                 continue
             if std and c.endswith(" mean"):
                 s = r[c[: -len(" mean")] + " std"]
-                row.append(f"{_fmt(r[c])} ± {_fmt(s)}" if r["runs"] > 1 else _fmt(r[c]))
+                row.append(f"{fmt(r[c])} ± {fmt(s)}" if r["runs"] > 1 else fmt(r[c]))
             else:
-                row.append(_fmt(r[c]))
+                row.append(fmt(r[c]))
         cells.append(row)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(row) + " |" for row in cells]
-    return "\n".join(lines) + "\n"
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        if math.isnan(v):
-            return ""
-        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:,.0f}"
-    return str(v)
+    return markdown_table(cols, cells)
 
 
 def plot_temperature(summary: pd.DataFrame, path: Path) -> Path | None:

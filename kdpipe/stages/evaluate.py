@@ -17,6 +17,7 @@ from kdpipe.export import export_onnx
 from kdpipe.metrics.measure import flops_per_sample, onnx_latency_ms, onnx_logits, torch_logits
 from kdpipe.models import count_params
 from kdpipe.models.io import load_model
+from kdpipe.report.tables import fmt, markdown_table
 from kdpipe.stages.base import PipelineContext, StageOutput, run_stage
 
 LATENCY_RUNTIME = "onnxruntime-cpu-1thread"
@@ -61,19 +62,10 @@ def write_tables(rows: list[dict], folder: Path) -> list[Path]:
         writer.writeheader()
         writer.writerows(rows)
     md_path = folder / "models.md"
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        lines.append("| " + " | ".join(_fmt(row[c]) for c in columns) + " |")
-    md_path.write_text("\n".join(lines) + "\n")
+    md_path.write_text(markdown_table(columns, [[fmt(row[c]) for c in columns] for row in rows]))
     json_path = folder / "models.json"
     json_path.write_text(json.dumps(rows, indent=2))
     return [csv_path, md_path, json_path]
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
 
 
 def evaluate_compute(ctx: PipelineContext, run_id: str) -> list[dict]:
