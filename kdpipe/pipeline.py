@@ -19,8 +19,9 @@ from kdpipe.models.io import load_model
 from kdpipe.report.plots import accuracy_vs_size
 from kdpipe.report.summary import print_summary
 from kdpipe.stages.base import PipelineContext, StageOutput
-from kdpipe.stages.compress import run_prune, run_quantize
 from kdpipe.stages.evaluate import run_evaluate, write_tables
+from kdpipe.stages.prune import run_prune
+from kdpipe.stages.quantize import run_quantize
 from kdpipe.stages.train import run_distill, run_teacher
 from kdpipe.tracking.naming import SWEEP_TAG, run_name, sweep_id
 from kdpipe.tracking.store import RUN_TYPE_TAG, flatten, log_flat_params, setup_tracking
