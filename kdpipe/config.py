@@ -12,6 +12,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from kdpipe import limits
 from kdpipe.compress.checks import check_compression
 from kdpipe.distill.checks import validate_distill
 from kdpipe.errors import ConfigError
@@ -40,19 +41,15 @@ def validate(cfg: DictConfig) -> None:
     num_classes = int(data.num_classes)
 
     distill = cfg.distill
-    if distill.get("temperature") is not None and float(distill.temperature) <= 0:
-        raise ConfigError(f"distill.temperature={distill.temperature} must be > 0 (try 1-16; 4 is a common default)")
-    if distill.get("alpha") is not None and not 0.0 <= float(distill.alpha) <= 1.0:
-        raise ConfigError(f"distill.alpha={distill.alpha} must lie in [0, 1] (the weight of the KD term against CE)")
-
-    prune = cfg.prune
-    if prune.get("sparsity") is not None and not 0.0 <= float(prune.sparsity) < 1.0:
-        raise ConfigError(f"prune.sparsity={prune.sparsity} must lie in [0, 1) (the fraction of weights removed)")
+    if distill.get("temperature") is not None:
+        limits.temperature(distill.temperature)
+    if distill.get("alpha") is not None:
+        limits.alpha(distill.alpha)
+    if cfg.prune.get("sparsity") is not None:
+        limits.sparsity(cfg.prune.sparsity)
     check_compression(cfg)
 
     teacher = cfg.get("teacher")
-    if teacher is None and distill.get("loss") is not None:
-        raise ConfigError("~teacher (no teacher) leaves nothing to distill from; pick a teacher or use distill=none")
     if teacher is not None:
         ckpt = teacher.get("checkpoint")
         if ckpt and not is_uri(str(ckpt)) and not Path(str(ckpt)).expanduser().is_file():
@@ -60,13 +57,4 @@ def validate(cfg: DictConfig) -> None:
                               f"(runs:/<run_id>/model/model.pt), or null to train the teacher")
         _check_output_size("teacher", teacher, in_shape, num_classes)
     _check_output_size("student", cfg.student, in_shape, num_classes)
-
-    if distill.get("loss") is not None:
-        try:
-            instantiate(distill.loss)
-        except Exception as exc:  # hydra wraps the loss's own ConfigError
-            cause = exc
-            while cause.__cause__ is not None:
-                cause = cause.__cause__
-            raise ConfigError(str(cause)) from exc
     validate_distill(cfg)

@@ -32,7 +32,7 @@ HOST_TAG = "kdpipe.host"
 PID_TAG = "kdpipe.pid"
 RESUMED_FROM_TAG = "kdpipe.resumed_from"  # the interrupted run whose checkpoint a stage resumed
 RESUMED_EPOCH_TAG = "kdpipe.resumed_epoch"
-RESUMABLE_STAGES = ("teacher", "distill")  # prune changes the model's structure between fits
+RESUMED_FIT_TAG = "kdpipe.resumed_fit"  # which fit of the stage (student, gen2, ta1...) was interrupted
 
 
 class Terminated(BaseException):
@@ -118,22 +118,25 @@ def resume_checkpoint(root: str | os.PathLike, key: str) -> Path | None:
     return None
 
 
-def resume_from(root: str | os.PathLike, key: str, stage: str, interrupted: list[Run]) -> Path | None:
-    """The checkpoint `fit` should resume from (None to start afresh), tagging the stage run
-    with what it resumed."""
-    if stage not in RESUMABLE_STAGES:
-        return None
+def resume_from(root: str | os.PathLike, key: str, fit: str, max_epochs: int, interrupted: list[Run]) -> Path | None:
+    """The checkpoint a fit should resume from (None to start afresh). A fit that had finished
+    before the kill is restored and trains no further; the one the kill interrupted tags the
+    stage run with where it went on (`kdpipe.resumed_fit`, `kdpipe.resumed_epoch`,
+    `kdpipe.resumed_from`)."""
     ckpt = resume_checkpoint(root, key)
     if ckpt is None:
         return None
     import torch
 
     epoch = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("epoch", -1) + 1
-    tags = {RESUMED_EPOCH_TAG: str(epoch)}
+    if epoch >= max_epochs:
+        log.info("%s: finished before the interruption, restored from %s", fit, ckpt)
+        return ckpt
+    tags = {RESUMED_EPOCH_TAG: str(epoch), RESUMED_FIT_TAG: fit}
     if interrupted:
         tags[RESUMED_FROM_TAG] = interrupted[0].info.run_id
     mlflow.set_tags(tags)
-    log.warning("stage %s: resuming from %s (epoch %d)", stage, ckpt, epoch)
+    log.warning("%s: resuming from %s (epoch %d)", fit, ckpt, epoch)
     return ckpt
 
 

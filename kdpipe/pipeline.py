@@ -96,14 +96,14 @@ def run_pipeline(cfg: DictConfig, workdir: Path) -> dict[str, float]:
         cfg_file.write_text(OmegaConf.to_yaml(cfg, resolve=True))
         mlflow.log_artifact(str(cfg_file))
 
-        if cfg.get("teacher") is not None:
-            ctx.outputs["teacher"] = ctx.outputs["last"] = run_teacher(ctx)
-        ctx.outputs["distill"] = ctx.outputs["last"] = run_distill(ctx)
+        teacher = run_teacher(ctx) if cfg.get("teacher") is not None else None
+        models = [o for o in [teacher, run_distill(ctx, teacher)] if o is not None]
         if cfg.prune.get("method", "none") != "none":
-            ctx.outputs["prune"] = ctx.outputs["last"] = run_prune(ctx)
+            models.append(run_prune(ctx, models[-1], teacher))
         if cfg.quantize.get("mode", "none") != "none":
-            ctx.outputs["quantize"] = ctx.outputs["last"] = run_quantize(ctx)
-        _, rows = run_evaluate(ctx)
+            models.append(run_quantize(ctx, models[-1], teacher))
+        rows = run_evaluate(ctx, models)
+        shipped = models[-1]
 
         final = rows[-1]
         parent_metrics = {k: v for k, v in final.items() if isinstance(v, float)}
@@ -113,11 +113,11 @@ def run_pipeline(cfg: DictConfig, workdir: Path) -> dict[str, float]:
             for path in write_tables(rows, Path(tmp)):
                 mlflow.log_artifact(str(path), artifact_path="tables")
             mlflow.log_artifact(str(accuracy_vs_size(rows, Path(tmp) / "accuracy_vs_size.png")), artifact_path="plots")
-            if cfg.get("export", {}).get("onnx") and ctx.outputs["last"].kind == "torch":
-                onnx_path = export_onnx(load_model(ctx.outputs["last"].path), ctx.example_input, Path(tmp) / "model.onnx")
+            if cfg.get("export", {}).get("onnx") and shipped.kind == "torch":
+                onnx_path = export_onnx(load_model(shipped.path), ctx.example_input, Path(tmp) / "model.onnx")
                 mlflow.log_artifact(str(onnx_path), artifact_path="model_onnx")
         example = datamodule.example_input(1).numpy()
-        log_final_model(ctx.outputs["last"], example)
+        log_final_model(shipped, example)
         mlflow.set_tag("kdpipe.final_stage", final["stage"])
     print_summary(rows, parent_metrics, ui_command(ctx.tracking_uri))
     return parent_metrics

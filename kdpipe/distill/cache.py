@@ -20,7 +20,6 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from kdpipe.errors import ConfigError
-from kdpipe.stages.base import PipelineContext, StageOutput
 from kdpipe.tracking.store import stage_lock
 
 log = logging.getLogger("kdpipe")
@@ -37,18 +36,18 @@ def cache_blockers(augment: bool, teacher_layers: tuple[str, ...], chain: bool) 
     if teacher_layers:
         reasons.append(f"the loss reads teacher features ({', '.join(teacher_layers)}), not only logits")
     if chain:
-        reasons.append("distill.chain is set, so each assistant is the next link's teacher")
+        reasons.append("distill.scheme.chain is set, so each assistant is the next link's teacher")
     return reasons
 
 
 def use_cache(mode, blockers: list[str]) -> bool:
-    """`distill.cache_teacher`: auto (when nothing blocks it), true (error if something does), false."""
+    """`distill.scheme.cache_teacher`: auto (when nothing blocks it), true (error if something does), false."""
     mode = str(mode).lower()
     if mode not in ("auto", "true", "false"):
-        raise ConfigError(f"distill.cache_teacher={mode} must be auto, true or false")
+        raise ConfigError(f"distill.scheme.cache_teacher={mode} must be auto, true or false")
     if mode == "true" and blockers:
-        raise ConfigError(f"distill.cache_teacher=true is impossible here: {'; '.join(blockers)}. "
-                          f"Use distill.cache_teacher=auto or false")
+        raise ConfigError(f"distill.scheme.cache_teacher=true is impossible here: {'; '.join(blockers)}. "
+                          f"Use distill.scheme.cache_teacher=auto or false")
     return mode != "false" and not blockers
 
 
@@ -59,16 +58,15 @@ def compute_logits(teacher: nn.Module, train_set: TensorDataset, batch_size: int
     return torch.cat([teacher(batch[0]) for batch in loader])
 
 
-def teacher_train_logits(ctx: PipelineContext, teacher_out: StageOutput, teacher: nn.Module,
+def teacher_train_logits(datamodule, workdir: Path, source: str, teacher_key: str, teacher: nn.Module,
                          suffix: str = "") -> torch.Tensor:
-    """The teacher's logits for every training sample, in dataset order: fetched from the teacher
-    run's artefacts when an earlier student stored them, else computed and stored there."""
-    source = teacher_out.reused_from or teacher_out.run_id
+    """The teacher's logits for every training sample, in dataset order: fetched from the artefacts
+    of the teacher's run `source` when an earlier student stored them, else computed and stored there."""
     name = f"train_logits{suffix}.pt"
     client = MlflowClient()
-    n = len(ctx.datamodule.train_set)
-    local_dir = ctx.workdir / ARTIFACT_DIR
-    with stage_lock(f"{teacher_out.cache_key}/{name}"):
+    n = len(datamodule.train_set)
+    local_dir = workdir / ARTIFACT_DIR
+    with stage_lock(f"{teacher_key}/{name}"):
         stored = {Path(f.path).name for f in client.list_artifacts(source, ARTIFACT_DIR)}
         if name in stored:
             local = mlflow.artifacts.download_artifacts(run_id=source, artifact_path=f"{ARTIFACT_DIR}/{name}",
@@ -79,7 +77,7 @@ def teacher_train_logits(ctx: PipelineContext, teacher_out: StageOutput, teacher
                 log.info("distill: teacher logits reused from run %s", source)
                 return logits
             log.warning("distill: cached teacher logits of run %s do not match the training set; recomputing", source)
-        logits = compute_logits(teacher, ctx.datamodule.train_set)
+        logits = compute_logits(teacher, datamodule.train_set)
         local_dir.mkdir(parents=True, exist_ok=True)
         path = local_dir / name
         torch.save(logits, path)
@@ -88,8 +86,8 @@ def teacher_train_logits(ctx: PipelineContext, teacher_out: StageOutput, teacher
         return logits
 
 
-def cached_train_loader(ctx: PipelineContext, logits: torch.Tensor) -> DataLoader:
+def cached_train_loader(datamodule, logits: torch.Tensor) -> DataLoader:
     """The training loader with the teacher's logits as a third column: shuffled together with
     the images (same seeded order as the plain loader), so they always stay aligned."""
-    x, y = ctx.datamodule.train_set.tensors
-    return ctx.datamodule._loader(TensorDataset(x, y, logits), shuffle=True)
+    x, y = datamodule.train_set.tensors
+    return datamodule._loader(TensorDataset(x, y, logits), shuffle=True)

@@ -4,13 +4,12 @@ path, an impossible cache request or a bad scheme option fails in a second, not 
 from __future__ import annotations
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from kdpipe.data.augment import build_augmentation
-from kdpipe.distill.cache import cache_blockers, use_cache
-from kdpipe.errors import ConfigError
-from kdpipe.losses.base import find_module
+from kdpipe.distill.schemes import DistillJob
+from kdpipe.errors import ConfigError, build
+from kdpipe.losses import WeightedSum
 from kdpipe.models.io import build_model
 
 
@@ -24,38 +23,19 @@ def validate_distill(cfg: DictConfig) -> None:
     in_shape = (int(data.channels), int(data.height), int(data.width))
     spec = data.get("augment")
     augment = build_augmentation(OmegaConf.to_container(spec, resolve=True) if spec else [], in_shape)
-    example = torch.zeros(2, *in_shape)
-    scheme = str(dcfg.get("scheme", "kd"))
-    student = _model(cfg.student)
-    if scheme == "dml" and int(dcfg.get("peers", 2)) < 2:
-        raise ConfigError(f"distill.peers={dcfg.peers} must be >= 2: mutual learning needs a cohort")
-    if scheme == "self":
-        mode = dcfg.get("mode")
-        if mode not in ("born_again", "deep_to_shallow"):
-            raise ConfigError(f"distill.mode={mode} must be born_again or deep_to_shallow")
-        if mode == "born_again" and int(dcfg.born_again.generations) < 1:
-            raise ConfigError("distill.born_again.generations must be >= 1")
-        if mode == "deep_to_shallow":
-            d = dcfg.deep_to_shallow
-            for path in [*d.exit_layers, d.feature_layer]:
-                find_module(student, str(path), "student (distill.deep_to_shallow)")
-    if dcfg.get("loss") is None or cfg.get("teacher") is None:
-        return
-    loss = instantiate(dcfg.loss)
-    teacher = _model(cfg.teacher)
-    for path in loss.student_layers:
-        find_module(student, path, "student")
-    for path in loss.teacher_layers:
-        find_module(teacher, path, "teacher")
-    loss.setup(student, teacher, example)  # adapters: incompatible layer shapes fail here
-    chain = dcfg.get("chain") or []
-    for i, spec in enumerate(chain):
-        spec = dict(OmegaConf.to_container(spec, resolve=True)) if isinstance(spec, DictConfig) else dict(spec)
-        spec.setdefault("in_shape", list(in_shape))
-        spec.setdefault("num_classes", int(data.num_classes))
-        try:
-            build_model(spec)
-        except Exception as exc:
-            raise ConfigError(f"distill.chain[{i}] cannot be built from {spec.get('_target_')}: {exc}") from exc
-    use_cache(dcfg.get("cache_teacher", "auto"),
-              cache_blockers(augment is not None, tuple(loss.teacher_layers), bool(chain)))
+    scheme = build(dcfg.scheme, "distill.scheme")
+    if not callable(getattr(scheme, "train", None)):
+        raise ConfigError(f"distill.scheme: {dcfg.scheme._target_} has no train(job) method; a scheme is a class "
+                          f"with train(job) -> the trained student (docs/extending.md)")
+    needs_teacher = bool(getattr(scheme, "needs_teacher", True))
+    if needs_teacher and cfg.get("teacher") is None:
+        raise ConfigError(f"~teacher (no teacher) leaves nothing to distill from: distill={dcfg.get('name')} learns "
+                          f"from the teacher stage; pick a teacher, or a scheme without one (distill=none, dml, "
+                          f"born_again, deep_to_shallow)")
+    if dcfg.get("terms"):
+        WeightedSum.from_config(dcfg.terms)  # every term builds: bad keys and values fail here
+    check = getattr(scheme, "check", None)
+    if check is not None:
+        student_arch = OmegaConf.to_container(cfg.student.model, resolve=True)
+        job = DistillJob(dcfg, student_arch, int(data.num_classes), torch.zeros(2, *in_shape), augment)
+        check(job, _model(cfg.student), _model(cfg.teacher) if needs_teacher else None)

@@ -1,25 +1,26 @@
-"""What the distill stage trains for each `distill.scheme`.
+"""Training regimes of the distill stage, each a class named by `distill.scheme._target_`.
 
-- offline schemes (`kd`, `dkd`, `fitnet`, `attention`, `rkd`, `sp`): a student against the
-  frozen teacher of the teacher stage, optionally through a teacher-assistant chain;
-- `dml`: peers trained together from scratch; the teacher stage is not an input (it still runs
-  when `teacher` is set, as the reference the evaluate stage compares compression against;
-  `teacher=none` skips it);
-- `self`: born-again generations or deep-to-shallow exits, also without the teacher stage;
-- `none`: the scratch baseline.
+A scheme gets a `DistillJob` (the student's config, the data, the optimiser, the loss terms of
+`distill.terms`, the trained teacher when it needs one, and a `Fitter` for its Lightning fits)
+and returns the trained student. `needs_teacher` says whether the teacher stage is an input: a
+user's own regime is any class with that attribute and `train(job) -> nn.Module`, and may define
+`check(student, teacher, example)` to reject a bad config before any training.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import mlflow
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
+import torch
+from omegaconf import DictConfig
 from torch import nn
 
-from kdpipe.data.augment import build_augmentation
+from kdpipe import limits
 from kdpipe.distill.cache import (
     CACHE_TAG,
     cache_blockers,
@@ -27,32 +28,73 @@ from kdpipe.distill.cache import (
     teacher_train_logits,
     use_cache,
 )
-from kdpipe.losses import HintonKD
-from kdpipe.losses.base import DistillLoss
+from kdpipe.errors import ConfigError
+from kdpipe.losses.base import WeightedSum, find_module
 from kdpipe.models import count_params
 from kdpipe.models.ensemble import EnsembleTeacher
-from kdpipe.models.io import build_model, load_model, save_model
+from kdpipe.models.io import build_model
 from kdpipe.modules import ClassifierModule, DistillationModule
 from kdpipe.modules.mutual import MutualLearningModule
 from kdpipe.modules.self_distill import SelfDistillationModule
-from kdpipe.stages.base import PipelineContext, Product
-from kdpipe.stages.train import fit, optim_kwargs
+from kdpipe.training import Fitter, Optim, val_acc
 
 log = logging.getLogger("kdpipe")
 
-ONLINE_SCHEMES = ("dml", "self")
+
+@dataclass
+class DistillJob:
+    """Everything a scheme trains with. `teacher` is the teacher stage's model (None when the
+    scheme does not need it); `teacher_run_id`/`teacher_key` locate its run for the logit cache.
+    `check` gets a job without fitter, data or teacher weights: the config alone."""
+
+    config: DictConfig  # the `distill` section: terms, max_epochs, ...
+    student_arch: dict[str, Any]
+    num_classes: int
+    example_input: torch.Tensor  # a batch of 2, for probing layer shapes
+    augment: nn.Module | None = None
+    fitter: Fitter | None = None  # the rest is given when training, not when checking the config
+    datamodule: Any = None
+    workdir: Path | None = None
+    optim: Optim | None = None
+    teacher: nn.Module | None = None
+    teacher_run_id: str | None = None
+    teacher_key: str | None = None
+
+    @property
+    def max_epochs(self) -> int:
+        return int(self.config.max_epochs)
+
+    def build_student(self, arch: dict[str, Any] | None = None) -> nn.Module:
+        return build_model(arch or self.student_arch)
+
+    def loss(self) -> WeightedSum:
+        """A fresh loss from `distill.terms` (adapters are trained per student)."""
+        return WeightedSum.from_config(self.config.get("terms"))
+
+    def classifier(self, model: nn.Module) -> ClassifierModule:
+        return ClassifierModule(model, self.num_classes, self.optim, self.augment)
+
+    def distiller(self, student: nn.Module, teacher: nn.Module, loss: WeightedSum) -> DistillationModule:
+        return DistillationModule(student, teacher, loss, self.num_classes, self.example_input,
+                                  self.optim, self.augment)
 
 
-def chain_archs(ctx: PipelineContext) -> list[dict[str, Any]]:
-    """`distill.chain` entries as model configs, with the data's shape filled in."""
-    data = ctx.cfg.data
-    out = []
-    for spec in ctx.cfg.distill.get("chain") or []:
-        spec = OmegaConf.to_container(spec, resolve=True) if not isinstance(spec, dict) else dict(spec)
-        spec.setdefault("in_shape", [int(data.channels), int(data.height), int(data.width)])
-        spec.setdefault("num_classes", int(data.num_classes))
-        out.append(spec)
-    return out
+def log_val_acc(name: str, trainer, step: int) -> None:
+    """A per-fit validation accuracy (a fit restored whole after a kill validated nothing here)."""
+    acc = val_acc(trainer)
+    if acc == acc:
+        mlflow.log_metric(name, acc, step=step)
+
+
+class Scratch:
+    """The baseline every scheme is compared with: the student on hard labels alone."""
+
+    needs_teacher = False
+
+    def train(self, job: DistillJob) -> nn.Module:
+        student = job.build_student()
+        job.fitter.fit(job.classifier(student), "student", job.max_epochs)
+        return student
 
 
 def capacity_gap_message(student: nn.Module, teacher: nn.Module, fraction: float) -> str | None:
@@ -62,93 +104,142 @@ def capacity_gap_message(student: nn.Module, teacher: nn.Module, fraction: float
     if n_t == 0 or n_s >= fraction * n_t:
         return None
     return (f"capacity gap: the student has {n_s:,} parameters, {100 * n_s / n_t:.1f}% of the teacher's {n_t:,} "
-            f"(below distill.capacity_gap_fraction={fraction}); distillation can then do worse than training "
-            f"from scratch (Mirzadeh et al. 2020). Consider a teacher-assistant chain, e.g. "
-            f"'distill.chain=[{{_target_:kdpipe.models.cnn,width:16,depth:3}}]', more epochs, or a larger student")
+            f"(below distill.scheme.capacity_gap_fraction={fraction}); distillation can then do worse than "
+            f"training from scratch (Mirzadeh et al. 2020). Consider a teacher-assistant chain, e.g. "
+            f"'distill.scheme.chain=[{{_target_:kdpipe.models.cnn,width:16,depth:3}}]', more epochs, or a "
+            f"larger student")
 
 
-def train_offline(ctx: PipelineContext, run_id: str, student: nn.Module, teacher: nn.Module, loss: DistillLoss,
-                  optim: dict, cached=None, stage: str = "distill") -> DistillationModule:
-    module = DistillationModule(student, teacher, loss, ctx.num_classes, ctx.example_input, **optim)
-    epochs = int(ctx.cfg.distill.max_epochs)
-    fit(ctx, stage, run_id, module, epochs, train_loader=None if cached is None else cached_train_loader(ctx, cached))
-    return module
+class Offline:
+    """The student learns from the frozen teacher of the teacher stage through `distill.terms`
+    (KD, DKD, hints, attention, relations...), optionally through a teacher-assistant chain
+    (Mirzadeh et al. 2020): each `chain` entry, a model config, is distilled in turn and teaches
+    the next. Without augmentation, teacher features or a chain, the teacher's logits are
+    computed once per training set and stored with its run (`cache_teacher: auto`)."""
+
+    needs_teacher = True
+
+    def __init__(self, cache_teacher: str | bool = "auto", chain: Sequence[dict] = (),
+                 capacity_gap_fraction: float = 0.05, ensemble_temperature: float | None = None) -> None:
+        self.cache_teacher = str(cache_teacher).lower()
+        use_cache(self.cache_teacher, [])  # the mode's spelling is checked here, its feasibility in check()
+        self.chain = [dict(spec) for spec in chain or []]
+        self.capacity_gap_fraction = float(capacity_gap_fraction)
+        self.ensemble_temperature = None if ensemble_temperature is None else limits.temperature(
+            ensemble_temperature, "distill.scheme.ensemble_temperature")
+
+    def chain_archs(self, student_arch: dict[str, Any]) -> list[dict[str, Any]]:
+        """`chain` entries as model configs, with the data's shape of the student filled in."""
+        return [{"in_shape": student_arch["in_shape"], "num_classes": student_arch["num_classes"], **spec}
+                for spec in self.chain]
+
+    def check(self, job: DistillJob, student: nn.Module, teacher: nn.Module) -> None:
+        loss = job.loss()
+        for path in loss.student_layers:
+            find_module(student, path, "student")
+        for path in loss.teacher_layers:
+            find_module(teacher, path, "teacher")
+        loss.setup(student, teacher, job.example_input)  # adapters: incompatible layer shapes fail here
+        for i, arch in enumerate(self.chain_archs(job.student_arch)):
+            try:
+                build_model(arch)
+            except Exception as exc:
+                raise ConfigError(f"distill.scheme.chain[{i}] cannot be built from {arch.get('_target_')}: "
+                                  f"{exc}") from exc
+        use_cache(self.cache_teacher, cache_blockers(job.augment is not None, loss.teacher_layers, bool(self.chain)))
+
+    def train(self, job: DistillJob) -> nn.Module:
+        teacher = job.teacher
+        if isinstance(teacher, EnsembleTeacher) and self.ensemble_temperature is not None:
+            teacher.temperature = self.ensemble_temperature  # average the members' distributions at T
+        for i, arch in enumerate(self.chain_archs(job.student_arch)):
+            assistant = build_model(arch)
+            trainer = job.fitter.fit(job.distiller(assistant, teacher, job.loss()), f"ta{i}", job.max_epochs)
+            log_val_acc("chain/val_acc", trainer, i)
+            teacher = assistant.eval()
+        student = job.build_student()
+        gap = capacity_gap_message(student, teacher, self.capacity_gap_fraction)
+        if gap:
+            log.warning(gap)
+            mlflow.set_tag("kdpipe.capacity_gap", f"{count_params(student)[0] / count_params(teacher)[0]:.4f}")
+        loss = job.loss()
+        loader = None
+        if use_cache(self.cache_teacher, cache_blockers(job.augment is not None, loss.teacher_layers,
+                                                        bool(self.chain))):
+            suffix = f"_T{teacher.temperature:g}" if isinstance(teacher, EnsembleTeacher) else ""
+            logits = teacher_train_logits(job.datamodule, job.workdir, job.teacher_run_id, job.teacher_key,
+                                          teacher, suffix)
+            loader = cached_train_loader(job.datamodule, logits)
+        else:
+            mlflow.set_tag(CACHE_TAG, "off")
+        job.fitter.fit(job.distiller(student, teacher, loss), "student", job.max_epochs, train_loader=loader)
+        return student
 
 
-def _val_acc(module) -> float:
-    return float(module.trainer.callback_metrics.get("val/acc", float("nan")))
+class MutualLearning:
+    """Deep mutual learning (Zhang, Xiang, Hospedales & Lu 2018): `peers` copies of the student
+    trained together from scratch, each taught by the others; no pretrained teacher. Peer 0 is
+    exported."""
+
+    needs_teacher = False
+
+    def __init__(self, peers: int = 2, temperature: float = 1.0) -> None:
+        self.peers = limits.positive_int(peers, "distill.scheme.peers", "mutual learning needs a cohort")
+        if self.peers < 2:
+            raise ConfigError(f"distill.scheme.peers={peers} must be >= 2: mutual learning needs a cohort")
+        self.temperature = limits.temperature(temperature, "distill.scheme.temperature")
+
+    def train(self, job: DistillJob) -> nn.Module:
+        peers = [job.build_student() for _ in range(self.peers)]
+        module = MutualLearningModule(peers, job.num_classes, self.temperature, job.optim, job.augment)
+        job.fitter.fit(module, "peers", job.max_epochs)
+        return peers[0]
 
 
-def offline(ctx: PipelineContext, run_id: str, student: nn.Module, optim: dict) -> None:
-    dcfg = ctx.cfg.distill
-    teacher = load_model(ctx.outputs["teacher"].path)
-    if isinstance(teacher, EnsembleTeacher):  # average the members' distributions at the KD temperature
-        teacher.temperature = float(dcfg.get("temperature", 1.0))
-    fraction = float(dcfg.get("capacity_gap_fraction", 0.05))
-    for i, arch in enumerate(chain_archs(ctx)):
-        assistant = build_model(arch)
-        module = train_offline(ctx, run_id, assistant, teacher, instantiate(dcfg.loss), optim, stage=f"distill_ta{i}")
-        mlflow.log_metric("chain/val_acc", _val_acc(module), step=i)
-        teacher = assistant.eval()
-    gap = capacity_gap_message(student, teacher, fraction)
-    if gap:
-        log.warning(gap)
-        mlflow.set_tag("kdpipe.capacity_gap", f"{count_params(student)[0] / count_params(teacher)[0]:.4f}")
-    loss = instantiate(dcfg.loss)
-    augment = optim.get("augment") is not None
-    cached = None
-    if use_cache(dcfg.get("cache_teacher", "auto"), cache_blockers(augment, tuple(loss.teacher_layers),
-                                                                   bool(dcfg.get("chain")))):
-        suffix = f"_T{teacher.temperature:g}" if isinstance(teacher, EnsembleTeacher) else ""
-        cached = teacher_train_logits(ctx, ctx.outputs["teacher"], teacher, suffix)
-    else:
-        mlflow.set_tag(CACHE_TAG, "off")
-    train_offline(ctx, run_id, student, teacher, loss, optim, cached)
-
-
-def born_again(ctx: PipelineContext, run_id: str, arch: dict, optim: dict) -> nn.Module:
+class BornAgain:
     """Born-again networks (Furlanello, Lipton, Tschannen, Itti & Anandkumar 2018, eq. 1-2):
-    generation 0 is trained on labels; generation k+1, same architecture, learns from
-    generation k's outputs. Defaults follow the paper: pure teacher-matching (alpha=1) at T=1."""
-    bcfg = ctx.cfg.distill.born_again
-    model = build_model(arch)
-    module = ClassifierModule(model, ctx.num_classes, **optim)
-    fit(ctx, "distill_gen0", run_id, module, int(ctx.cfg.distill.max_epochs))
-    mlflow.log_metric("self/generation_val_acc", _val_acc(module), step=0)
-    for gen in range(1, int(bcfg.generations) + 1):
-        student = build_model(arch)
-        loss = HintonKD(float(bcfg.temperature), float(bcfg.alpha))
-        module = train_offline(ctx, run_id, student, model.eval(), loss, optim, stage=f"distill_gen{gen}")
-        mlflow.log_metric("self/generation_val_acc", _val_acc(module), step=gen)
-        model = student
-    return model
+    generation 0 is trained on labels; generation k+1, same architecture, learns from generation
+    k through `distill.terms` (the paper: pure teacher matching at T=1). No separate teacher."""
+
+    needs_teacher = False
+
+    def __init__(self, generations: int = 2) -> None:
+        self.generations = limits.positive_int(generations, "distill.scheme.generations", "e.g. 2")
+
+    def train(self, job: DistillJob) -> nn.Module:
+        model = job.build_student()
+        trainer = job.fitter.fit(job.classifier(model), "gen0", job.max_epochs)
+        log_val_acc("self/generation_val_acc", trainer, 0)
+        for gen in range(1, self.generations + 1):
+            student = job.build_student()
+            trainer = job.fitter.fit(job.distiller(student, model.eval(), job.loss()), f"gen{gen}", job.max_epochs)
+            log_val_acc("self/generation_val_acc", trainer, gen)
+            model = student
+        return model
 
 
-def compute_student(ctx: PipelineContext, run_id: str) -> Product:
-    """The distill stage's product for any scheme: the trained student's model file."""
-    dcfg = ctx.cfg.distill
-    scheme = str(dcfg.get("scheme", "kd"))
-    arch = ctx.section("student")["model"]
-    augment = build_augmentation(ctx.section("data").get("augment"), ctx.datamodule.in_shape)
-    optim = {**optim_kwargs(ctx), "augment": augment}
-    epochs = int(dcfg.max_epochs)
-    if scheme == "dml":
-        peers = [build_model(arch) for _ in range(int(dcfg.peers))]
-        fit(ctx, "distill", run_id, MutualLearningModule(peers, ctx.num_classes, float(dcfg.temperature), **optim), epochs)
-        student = peers[0]
-    elif scheme == "self" and dcfg.mode == "born_again":
-        student = born_again(ctx, run_id, arch, optim)
-    elif scheme == "self":
-        d = dcfg.deep_to_shallow
-        student = build_model(arch)
-        module = SelfDistillationModule(student, ctx.num_classes, ctx.example_input, list(d.exit_layers),
-                                        d.feature_layer, float(d.alpha), float(d.feature_weight),
-                                        float(d.temperature), **optim)
-        fit(ctx, "distill", run_id, module, epochs)
-    elif dcfg.get("loss") is None:
-        student = build_model(arch)
-        fit(ctx, "distill", run_id, ClassifierModule(student, ctx.num_classes, **optim), epochs)
-    else:
-        student = build_model(arch)
-        offline(ctx, run_id, student, optim)
-    return Product(save_model(student, arch, ctx.workdir / "distill" / "model.pt"))
+class DeepToShallow:
+    """"Be Your Own Teacher" (Zhang et al. 2019): auxiliary exits on shallow blocks (module paths)
+    learn from the deepest classifier; they are dropped at export. No separate teacher."""
+
+    needs_teacher = False
+
+    def __init__(self, exit_layers: Sequence[str] = ("features.0",), feature_layer: str = "pool",
+                 alpha: float = 0.3, temperature: float = 3.0, feature_weight: float = 0.03) -> None:
+        self.exit_layers, self.feature_layer = list(exit_layers), str(feature_layer)
+        self.alpha = limits.unit_interval(alpha, "distill.scheme.alpha", "the exits' KD term against CE")
+        self.temperature = limits.temperature(temperature, "distill.scheme.temperature")
+        self.feature_weight = limits.weight(feature_weight, "distill.scheme.feature_weight")
+
+    def check(self, job: DistillJob, student: nn.Module, teacher: nn.Module | None) -> None:
+        for path in [*self.exit_layers, self.feature_layer]:
+            find_module(student, path, "student (distill.scheme.exit_layers / feature_layer)")
+
+    def train(self, job: DistillJob) -> nn.Module:
+        student = job.build_student()
+        module = SelfDistillationModule(student, job.num_classes, job.example_input, self.exit_layers,
+                                        self.feature_layer, self.alpha, self.feature_weight, self.temperature,
+                                        job.optim, job.augment)
+        job.fitter.fit(module, "student", job.max_epochs)
+        return student
+

@@ -1,14 +1,16 @@
-"""Distillation losses, one file per family (Gou et al. 2021's taxonomy):
-`response` (logits), `feature` (intermediate layers), `relation` (sample-to-sample structure).
+"""Distillation loss terms, one file per family (Gou et al. 2021's taxonomy): `response`
+(labels and logits), `feature` (intermediate layers), `relation` (sample-to-sample structure).
 
-Every loss is an `nn.Module` whose `forward(out: DistillOutputs)` returns a dict of named,
-already weighted terms; the training module sums them and logs each as `train/loss_<name>`.
+Each term is one idea and returns one unweighted scalar; `WeightedSum` builds the loss from
+`distill.terms` (`{name: {_target_, weight, ...}}`) and the training module logs every weighted
+term as `train/loss_<name>`.
 """
 
-from kdpipe.losses.base import DistillLoss, DistillOutputs
-from kdpipe.losses.feature import AttentionTransfer, FitNet
-from kdpipe.losses.relation import RelationalKD, SimilarityPreserving
-from kdpipe.losses.response import DecoupledKD, HintonKD, soft_kl
+from kdpipe.losses.base import DistillOutputs, LossTerm, WeightedSum
+from kdpipe.losses.feature import AttentionTransfer, Hint
+from kdpipe.losses.relation import RKDAngle, RKDDistance, SimilarityPreserving
+from kdpipe.losses.response import CrossEntropy, NonTargetClassKD, SoftTargetKL, TargetClassKD, soft_kl
 
-__all__ = ["AttentionTransfer", "DecoupledKD", "DistillLoss", "DistillOutputs", "FitNet", "HintonKD",
-           "RelationalKD", "SimilarityPreserving", "soft_kl"]
+__all__ = ["AttentionTransfer", "CrossEntropy", "DistillOutputs", "Hint", "LossTerm", "NonTargetClassKD",
+           "RKDAngle", "RKDDistance", "SimilarityPreserving", "SoftTargetKL", "TargetClassKD", "WeightedSum",
+           "soft_kl"]

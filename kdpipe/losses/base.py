@@ -1,13 +1,25 @@
-"""The contract between the distillation module and a loss."""
+"""The contract between the distillation module and its loss: named terms, summed with weights.
+
+A term is one idea (CE, KD, a hint, attention transfer, ...): an `nn.Module` whose
+`forward(out: DistillOutputs)` returns one unweighted scalar. It names the layers it reads
+(`student_layers`, `teacher_layers`: module paths captured by forward hooks) and may build
+adapters sized from the models in `setup`. `WeightedSum` is the loss: `distill.terms` in config,
+a mapping `name -> {_target_, weight, <the term's keys>}` (torchdistill's weighted sum of named
+sub-losses, with Hydra's `_target_` instead of a private registry). A user's own term is any
+class with that `forward`, given by its import path.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kdpipe.errors import ConfigError
+from kdpipe import limits
+from kdpipe.errors import ConfigError, build
 
 
 def find_module(model: nn.Module, path: str, role: str) -> nn.Module:
@@ -22,15 +34,17 @@ def find_module(model: nn.Module, path: str, role: str) -> nn.Module:
 
 def as_layers(layers) -> tuple[str, ...]:
     """One module path or a list of them, as a tuple."""
+    if layers is None:
+        return ()
     return (layers,) if isinstance(layers, str) else tuple(layers)
 
 
-def layer_pairs(student_layers, teacher_layers, scheme: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def layer_pairs(student_layers, teacher_layers, term: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Paired module paths (one teacher layer per student layer), or a clear error."""
     s, t = as_layers(student_layers), as_layers(teacher_layers)
     if len(s) != len(t) or not s:
-        raise ConfigError(f"distill.student_layers has {len(s)} entries and distill.teacher_layers {len(t)}: "
-                          f"{scheme} needs one teacher layer per student layer")
+        raise ConfigError(f"{term}: student_layers has {len(s)} entries and teacher_layers {len(t)}; "
+                          f"give one teacher layer per student layer")
     return s, t
 
 
@@ -54,7 +68,7 @@ def probe_shapes(model: nn.Module, paths: tuple[str, ...], example: torch.Tensor
 @dataclass
 class DistillOutputs:
     """What one training step saw: logits of both models, the hard labels, and the
-    intermediate features captured by forward hooks on the layers a loss asked for."""
+    intermediate features captured by forward hooks on the layers the terms asked for."""
 
     student_logits: torch.Tensor
     teacher_logits: torch.Tensor | None
@@ -63,17 +77,70 @@ class DistillOutputs:
     teacher_features: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-class DistillLoss(nn.Module):
-    """Base class. A loss lists the module paths it needs (`student_layers`,
-    `teacher_layers`); `setup` is called once with both models and an example batch before
-    training, which is where adapters whose shapes depend on the models are built."""
+class LossTerm(nn.Module):
+    """Base class of a term (subclassing it is optional: any module with the same attributes
+    and `forward` works). `needs_teacher` False: the term reads only the student and labels."""
 
     student_layers: tuple[str, ...] = ()
     teacher_layers: tuple[str, ...] = ()
     needs_teacher: bool = True
 
     def setup(self, student: nn.Module, teacher: nn.Module | None, example: torch.Tensor) -> None:
-        """Build whatever depends on the models' shapes. The default needs nothing."""
+        """Build whatever depends on the models' shapes (adapters). The default needs nothing."""
 
-    def forward(self, out: DistillOutputs) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
-        raise TypeError(f"{type(self).__name__} must implement forward(out) -> dict of loss terms")
+    def forward(self, out: DistillOutputs) -> torch.Tensor:  # pragma: no cover - abstract
+        raise TypeError(f"{type(self).__name__} must implement forward(out) -> a scalar tensor")
+
+
+class WeightedSum(nn.Module):
+    """The distillation loss: `sum_i w_i * term_i(out)`, each weighted term returned by name so the
+    training module logs it as `train/loss_<name>`. A term of weight 0 is not built at all: it
+    adds nothing to the sum and no hook on the layers it would read."""
+
+    def __init__(self, terms: Mapping[str, nn.Module], weights: Mapping[str, float]) -> None:
+        super().__init__()
+        if not terms:
+            raise ConfigError("distill.terms is empty: give at least one loss term, e.g. "
+                              "distill.terms.ce={_target_:kdpipe.losses.CrossEntropy,weight:1}")
+        self.terms = nn.ModuleDict(terms)
+        self.weights = dict(weights)
+
+    @classmethod
+    def from_config(cls, terms: Mapping | DictConfig | None) -> WeightedSum:
+        """Instantiate `distill.terms`: `{name: {_target_, weight, ...}}`."""
+        if isinstance(terms, DictConfig):
+            terms = OmegaConf.to_container(terms, resolve=True)
+        built, weights = {}, {}
+        for name, spec in (terms or {}).items():
+            if not isinstance(spec, Mapping) or "_target_" not in spec:
+                raise ConfigError(f"distill.terms.{name} must be a mapping with a _target_ (the term's class) "
+                                  f"and a weight, got {spec!r}")
+            spec = dict(spec)
+            weight = limits.weight(spec.pop("weight", 1.0), f"distill.terms.{name}.weight")
+            if weight == 0:
+                continue
+            term = build(spec, f"distill.terms.{name}")
+            if not callable(getattr(term, "forward", None)):
+                raise ConfigError(f"distill.terms.{name}: {spec['_target_']} is not a module with forward(out)")
+            built[name], weights[name] = term, weight
+        return cls(built, weights)
+
+    @property
+    def student_layers(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(p for t in self.terms.values() for p in getattr(t, "student_layers", ())))
+
+    @property
+    def teacher_layers(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(p for t in self.terms.values() for p in getattr(t, "teacher_layers", ())))
+
+    @property
+    def needs_teacher(self) -> bool:
+        return any(getattr(t, "needs_teacher", True) for t in self.terms.values())
+
+    def setup(self, student: nn.Module, teacher: nn.Module | None, example: torch.Tensor) -> None:
+        for term in self.terms.values():
+            if hasattr(term, "setup"):
+                term.setup(student, teacher, example)
+
+    def forward(self, out: DistillOutputs) -> dict[str, torch.Tensor]:
+        return {name: self.weights[name] * term(out) for name, term in self.terms.items()}

@@ -13,8 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdpipe.errors import ConfigError
-from kdpipe.losses.base import DistillLoss, DistillOutputs, layer_pairs, probe_shapes
-from kdpipe.losses.response import check_temperature_alpha, response_terms
+from kdpipe.losses.base import DistillOutputs, LossTerm, layer_pairs, probe_shapes
 
 
 def match_spatial(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -38,7 +37,7 @@ class FeatureAdapter(nn.Module):
             raise ConfigError(
                 f"cannot map a student feature of shape {tuple(student_shape[1:])} to a teacher feature of "
                 f"shape {tuple(teacher_shape[1:])}: pick two convolutional layers (C, H, W) or two vector "
-                f"layers (D) for distill.student_layer / distill.teacher_layer")
+                f"layers (D) for the term's student_layer / teacher_layer")
         self.size = tuple(teacher_shape[2:])
         if len(student_shape) == 4:
             self.proj = nn.Conv2d(student_shape[1], teacher_shape[1], kernel_size=1, bias=False)
@@ -50,40 +49,29 @@ class FeatureAdapter(nn.Module):
         return match_spatial(y, self.size) if self.size else y
 
 
-class FitNet(DistillLoss):
-    """FitNets hints (Romero, Ballas, Kahou, Chassang, Gatta & Bengio 2015, eq. 3):
-    `L_hint = 1/2 * || u_h(x) - r(v_g(x)) ||^2` between the teacher's hint layer `u_h` and the
-    regressed guided layer `r(v_g)` of the student, averaged per element.
+class Hint(LossTerm):
+    """FitNets hint (Romero, Ballas, Kahou, Chassang, Gatta & Bengio 2015, eq. 3):
+    `1/2 * || u_h(x) - r(v_g(x)) ||^2` between the teacher's hint layer `u_h` and the regressed
+    guided layer `r(v_g)` of the student, averaged per element.
 
-    Why: a thin, deep student is hard to train from logits alone; a hint on a middle layer
-    guides its intermediate representation. The paper trains the hint first, then KD; here both
-    run together (`hint_weight` on the hint, `alpha`/`temperature` on Hinton's KD term, the
-    rest on CE), which is how most later work uses it.
+    Why: a thin, deep student is hard to train from logits alone; a hint on a middle layer guides
+    its intermediate representation. The paper trains the hint first, then KD; here the terms run
+    together (add `kd` beside it), which is how most later work uses it. The regressor `r` is
+    sized by probing both models, trained with the student, and dropped at export."""
 
-    Terms: `hint`, `kd` (when alpha > 0), `ce`.
-    """
-
-    def __init__(self, student_layer: str, teacher_layer: str, hint_weight: float = 1.0,
-                 temperature: float = 4.0, alpha: float = 0.0) -> None:
+    def __init__(self, student_layer: str, teacher_layer: str) -> None:
         super().__init__()
-        check_temperature_alpha(temperature, alpha)
-        if hint_weight < 0:
-            raise ConfigError(f"distill.hint_weight={hint_weight} must be >= 0")
         self.student_layers, self.teacher_layers = (student_layer,), (teacher_layer,)
-        self.hint_weight, self.temperature, self.alpha = float(hint_weight), float(temperature), float(alpha)
         self.adapter: FeatureAdapter | None = None
 
     def setup(self, student: nn.Module, teacher: nn.Module | None, example: torch.Tensor) -> None:
-        s = probe_shapes(student, self.student_layers, example, "student (distill.student_layer)")
-        t = probe_shapes(teacher, self.teacher_layers, example, "teacher (distill.teacher_layer)")
+        s = probe_shapes(student, self.student_layers, example, "student (hint student_layer)")
+        t = probe_shapes(teacher, self.teacher_layers, example, "teacher (hint teacher_layer)")
         self.adapter = FeatureAdapter(s[self.student_layers[0]], t[self.teacher_layers[0]])
 
-    def forward(self, out: DistillOutputs) -> dict[str, torch.Tensor]:
+    def forward(self, out: DistillOutputs) -> torch.Tensor:
         guided = self.adapter(out.student_features[self.student_layers[0]])
-        hint = out.teacher_features[self.teacher_layers[0]]
-        terms = {"hint": self.hint_weight * 0.5 * F.mse_loss(guided, hint)}
-        terms.update(response_terms(out, 1.0 - self.alpha, self.alpha, self.temperature))
-        return terms
+        return 0.5 * F.mse_loss(guided, out.teacher_features[self.teacher_layers[0]])
 
 
 def attention_map(x: torch.Tensor, p: float = 2.0) -> torch.Tensor:
@@ -92,40 +80,34 @@ def attention_map(x: torch.Tensor, p: float = 2.0) -> torch.Tensor:
     return F.normalize(x.abs().pow(p).mean(dim=1).flatten(1), dim=1)
 
 
-class AttentionTransfer(DistillLoss):
+class AttentionTransfer(LossTerm):
     """Activation-based attention transfer (Zagoruyko & Komodakis 2017, ICLR, eq. 2):
-    `beta/2 * sum_j || Q_s^j/||Q_s^j|| - Q_t^j/||Q_t^j|| ||_p` over layer pairs j, implemented
-    as in the authors' code (the mean of squared differences of normalised maps, beta=1000).
+    `sum_j || Q_s^j/||Q_s^j|| - Q_t^j/||Q_t^j|| ||_p` over layer pairs j, implemented as in the
+    authors' code (the mean of squared differences of normalised maps); the paper's beta/2 = 500
+    is the term's weight in config.
 
     Why: where a network looks is a compact, width-independent summary of a layer, so a much
-    thinner student can still copy it at several depths. When a pair's maps differ in
-    resolution the larger one is average-pooled to the smaller.
+    thinner student can still copy it at several depths. When a pair's maps differ in resolution
+    the larger one is average-pooled to the smaller."""
 
-    Terms: `at`, `kd` (when alpha > 0), `ce`.
-    """
-
-    def __init__(self, student_layers: Sequence[str], teacher_layers: Sequence[str], beta: float = 1000.0,
-                 p: float = 2.0, temperature: float = 4.0, alpha: float = 0.0) -> None:
+    def __init__(self, student_layers: Sequence[str], teacher_layers: Sequence[str], p: float = 2.0) -> None:
         super().__init__()
-        check_temperature_alpha(temperature, alpha)
         self.student_layers, self.teacher_layers = layer_pairs(student_layers, teacher_layers, "attention transfer")
-        self.beta, self.p, self.temperature, self.alpha = float(beta), float(p), float(temperature), float(alpha)
+        self.p = float(p)
 
     def setup(self, student: nn.Module, teacher: nn.Module | None, example: torch.Tensor) -> None:
-        s = probe_shapes(student, self.student_layers, example, "student (distill.student_layers)")
-        t = probe_shapes(teacher, self.teacher_layers, example, "teacher (distill.teacher_layers)")
+        s = probe_shapes(student, self.student_layers, example, "student (attention student_layers)")
+        t = probe_shapes(teacher, self.teacher_layers, example, "teacher (attention teacher_layers)")
         for sl, tl in zip(self.student_layers, self.teacher_layers, strict=True):
             if len(s[sl]) != 4 or len(t[tl]) != 4:
                 raise ConfigError(f"attention transfer needs convolutional feature maps (B, C, H, W); "
                                   f"student {sl} gives {tuple(s[sl])}, teacher {tl} gives {tuple(t[tl])}")
 
-    def forward(self, out: DistillOutputs) -> dict[str, torch.Tensor]:
+    def forward(self, out: DistillOutputs) -> torch.Tensor:
         total = out.student_logits.new_zeros(())
         for sl, tl in zip(self.student_layers, self.teacher_layers, strict=True):
             fs, ft = out.student_features[sl], out.teacher_features[tl]
             size = (min(fs.shape[-2], ft.shape[-2]), min(fs.shape[-1], ft.shape[-1]))
             qs, qt = attention_map(match_spatial(fs, size), self.p), attention_map(match_spatial(ft, size), self.p)
             total = total + (qs - qt).pow(2).mean()
-        terms = {"at": self.beta / 2 * total}
-        terms.update(response_terms(out, 1.0 - self.alpha, self.alpha, self.temperature))
-        return terms
+        return total

@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from kdpipe.errors import ConfigError
-from kdpipe.losses.base import DistillLoss, DistillOutputs, layer_pairs
-from kdpipe.losses.response import check_temperature_alpha, response_terms
+from kdpipe.losses.base import DistillOutputs, LossTerm, layer_pairs
 
 
 def _pick(features: dict[str, torch.Tensor], layer: str | None, logits: torch.Tensor) -> torch.Tensor:
@@ -30,43 +29,40 @@ def rkd_angle(e: torch.Tensor) -> torch.Tensor:
     return torch.bmm(diff, diff.transpose(1, 2))
 
 
-class RelationalKD(DistillLoss):
-    """Relational knowledge distillation (Park, Kim, Lu & Cho 2019, CVPR, eq. 3-6):
-    `lambda_D * Huber(psi_D(t), psi_D(s)) + lambda_A * Huber(psi_A(t), psi_A(s))`, the distance
-    potential over pairs and the angle potential over triplets of the batch's embeddings.
+class _Embedding(LossTerm):
+    """A term on one layer's embedding of the batch (`null` layers: the logits)."""
 
-    Why: it transfers the structure of the teacher's embedding space (which samples are close,
-    which directions they lie in) rather than individual outputs, so a student of another width
-    or even another output dimension can learn it. Defaults are the paper's: lambda_D=25,
-    lambda_A=50, on the penultimate embedding (`layer: null` uses the logits).
-
-    Terms: `distance`, `angle`, `kd` (when alpha > 0), `ce`.
-    """
-
-    def __init__(self, student_layer: str | None = None, teacher_layer: str | None = None,
-                 distance_weight: float = 25.0, angle_weight: float = 50.0,
-                 temperature: float = 4.0, alpha: float = 0.0) -> None:
+    def __init__(self, student_layer: str | None = None, teacher_layer: str | None = None) -> None:
         super().__init__()
-        check_temperature_alpha(temperature, alpha)
         if (student_layer is None) != (teacher_layer is None):
-            raise ConfigError("give both distill.student_layer and distill.teacher_layer, or neither (logits)")
+            raise ConfigError("give both student_layer and teacher_layer, or neither (the logits)")
         self.student_layer, self.teacher_layer = student_layer, teacher_layer
         self.student_layers = (student_layer,) if student_layer else ()
         self.teacher_layers = (teacher_layer,) if teacher_layer else ()
-        self.distance_weight, self.angle_weight = float(distance_weight), float(angle_weight)
-        self.temperature, self.alpha = float(temperature), float(alpha)
 
-    def forward(self, out: DistillOutputs) -> dict[str, torch.Tensor]:
+    def embeddings(self, out: DistillOutputs) -> tuple[torch.Tensor, torch.Tensor]:
         s = _pick(out.student_features, self.student_layer, out.student_logits)
-        with torch.no_grad():
-            t = _pick(out.teacher_features, self.teacher_layer, out.teacher_logits)
-            t_dist, t_angle = rkd_distance(t), rkd_angle(t)
-        terms = {
-            "distance": self.distance_weight * F.smooth_l1_loss(rkd_distance(s), t_dist),
-            "angle": self.angle_weight * F.smooth_l1_loss(rkd_angle(s), t_angle),
-        }
-        terms.update(response_terms(out, 1.0 - self.alpha, self.alpha, self.temperature))
-        return terms
+        return s, _pick(out.teacher_features, self.teacher_layer, out.teacher_logits).detach()
+
+
+class RKDDistance(_Embedding):
+    """Relational KD's distance potential (Park, Kim, Lu & Cho 2019, CVPR, eq. 3-4): the Huber
+    loss between the teacher's and the student's normalised pairwise distances of the batch's
+    embeddings. Why: it transfers the structure of the embedding space, not single outputs, so a
+    student of another width can learn it without an adapter. The paper's weight: 25."""
+
+    def forward(self, out: DistillOutputs) -> torch.Tensor:
+        s, t = self.embeddings(out)
+        return F.smooth_l1_loss(rkd_distance(s), rkd_distance(t))
+
+
+class RKDAngle(_Embedding):
+    """Relational KD's angle potential (Park et al. 2019, eq. 5-6): the Huber loss between the
+    cosines of the angles formed by every triplet of the batch's embeddings. The paper's weight: 50."""
+
+    def forward(self, out: DistillOutputs) -> torch.Tensor:
+        s, t = self.embeddings(out)
+        return F.smooth_l1_loss(rkd_angle(s), rkd_angle(t))
 
 
 def similarity_matrix(f: torch.Tensor) -> torch.Tensor:
@@ -75,31 +71,23 @@ def similarity_matrix(f: torch.Tensor) -> torch.Tensor:
     return F.normalize(a @ a.t(), dim=1)
 
 
-class SimilarityPreserving(DistillLoss):
+class SimilarityPreserving(LossTerm):
     """Similarity-preserving KD (Tung & Mori 2019, ICCV, eq. 3-4):
-    `gamma / b^2 * sum_pairs || G_t - G_s ||_F^2` over layer pairs, with b the batch size.
+    `1 / b^2 * sum_pairs || G_t - G_s ||_F^2` over layer pairs, with b the batch size; the paper's
+    gamma (3000 on CIFAR-10) is the term's weight in config.
 
     Why: inputs that the teacher maps to similar activations should also be similar for the
-    student; the b x b similarity matrices need no adapter between layers of different widths.
-    Default gamma=3000 is the paper's CIFAR-10 value.
+    student; the b x b similarity matrices need no adapter between layers of different widths."""
 
-    Terms: `sp`, `kd` (when alpha > 0), `ce`.
-    """
-
-    def __init__(self, student_layers, teacher_layers, gamma: float = 3000.0,
-                 temperature: float = 4.0, alpha: float = 0.0) -> None:
+    def __init__(self, student_layers, teacher_layers) -> None:
         super().__init__()
-        check_temperature_alpha(temperature, alpha)
         self.student_layers, self.teacher_layers = layer_pairs(student_layers, teacher_layers, "similarity preservation")
-        self.gamma, self.temperature, self.alpha = float(gamma), float(temperature), float(alpha)
 
-    def forward(self, out: DistillOutputs) -> dict[str, torch.Tensor]:
+    def forward(self, out: DistillOutputs) -> torch.Tensor:
         total = out.student_logits.new_zeros(())
         b = out.student_logits.shape[0]
         for sl, tl in zip(self.student_layers, self.teacher_layers, strict=True):
             g_s = similarity_matrix(out.student_features[sl])
             g_t = similarity_matrix(out.teacher_features[tl].detach())
             total = total + (g_t - g_s).pow(2).sum() / b**2
-        terms = {"sp": self.gamma * total}
-        terms.update(response_terms(out, 1.0 - self.alpha, self.alpha, self.temperature))
-        return terms
+        return total

@@ -46,9 +46,12 @@ def build_model(arch: dict[str, Any]) -> nn.Module:
 
 
 def load_model(path: str | Path) -> nn.Module:
-    """Rebuild the model saved by `save_model`, in eval mode on the CPU."""
+    """Rebuild the model saved by `save_model`, in eval mode on the CPU. The throwaway random
+    initialisation draws from a forked RNG, so loading a model never shifts the seeded stream that
+    the next model built (a student) initialises from."""
     payload = read_model_file(path)
-    model = build_model(payload["arch"])
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(payload["arch"])
     if payload.get("structured"):
         from kdpipe.compress.structured import resize_to_state_dict
 

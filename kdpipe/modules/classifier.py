@@ -3,13 +3,15 @@ baseline, and the base of the distillation module."""
 
 from __future__ import annotations
 
-import math
+import functools
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
+
+from kdpipe.training import Optim
 
 
 class ClassifierModule(pl.LightningModule):
@@ -19,13 +21,12 @@ class ClassifierModule(pl.LightningModule):
     Subclasses override `training_loss` to return named loss terms; their sum is the loss.
     """
 
-    def __init__(self, model: nn.Module, num_classes: int, lr: float = 1e-3, weight_decay: float = 0.0,
-                 optimizer: str = "adamw", scheduler: str = "cosine", augment: nn.Module | None = None) -> None:
+    def __init__(self, model: nn.Module, num_classes: int, optim: Optim | None = None,
+                 augment: nn.Module | None = None) -> None:
         super().__init__()
         self.model = model
         self.augment = augment  # batch augmentation (kdpipe.data.augment), training batches only
-        self.lr, self.weight_decay = lr, weight_decay
-        self.optimizer_name, self.scheduler_name = optimizer, scheduler
+        self.optim = optim or Optim(functools.partial(torch.optim.AdamW, lr=1e-3))
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
 
@@ -76,15 +77,4 @@ class ClassifierModule(pl.LightningModule):
         return [p for p in self.parameters() if p.requires_grad]
 
     def configure_optimizers(self):
-        params = self.trainable_parameters()
-        if self.optimizer_name == "sgd":
-            opt = torch.optim.SGD(params, lr=self.lr, momentum=0.9, weight_decay=self.weight_decay, nesterov=True)
-        elif self.optimizer_name in ("adam", "adamw"):
-            opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-        else:
-            raise ValueError(f"unknown optimizer {self.optimizer_name!r}; use adamw or sgd")
-        if self.scheduler_name == "none":
-            return opt
-        epochs = max(1, int(self.trainer.max_epochs or 1))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.5 * (1 + math.cos(math.pi * min(e, epochs) / epochs)))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+        return self.optim.configure(self.trainable_parameters(), int(self.trainer.max_epochs or 1))

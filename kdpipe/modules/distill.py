@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kdpipe.losses.base import DistillLoss, DistillOutputs, find_module
+from kdpipe.losses.base import DistillOutputs, WeightedSum, find_module
 from kdpipe.modules.classifier import ClassifierModule
+from kdpipe.training import Optim
 
 
 class FeatureHooks:
@@ -35,16 +36,17 @@ class FeatureHooks:
 
 
 class DistillationModule(ClassifierModule):
-    """Student + frozen teacher (eval mode, no gradients) + a `DistillLoss`.
+    """Student + frozen teacher (eval mode, no gradients) + a `WeightedSum` of loss terms.
 
     The teacher is a registered submodule so it follows the student to the device, but its
     parameters are frozen and `train()` never takes it out of eval mode (BatchNorm statistics
     and dropout of a trained teacher must not change while distilling).
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, loss: DistillLoss, num_classes: int,
-                 example_input: torch.Tensor, **optim) -> None:
-        super().__init__(student, num_classes, **optim)
+    def __init__(self, student: nn.Module, teacher: nn.Module, loss: WeightedSum, num_classes: int,
+                 example_input: torch.Tensor, optim: Optim | None = None,
+                 augment: nn.Module | None = None) -> None:
+        super().__init__(student, num_classes, optim, augment)
         self.teacher = teacher.eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)

@@ -10,6 +10,7 @@ from torch import nn
 
 from kdpipe.losses.response import soft_kl
 from kdpipe.modules.classifier import ClassifierModule
+from kdpipe.training import Optim
 
 
 class MutualLearningModule(ClassifierModule):
@@ -26,7 +27,8 @@ class MutualLearningModule(ClassifierModule):
     Terms: `ce` (summed over peers), `mimic` (the KL terms, summed over peers).
     """
 
-    def __init__(self, peers: Sequence[nn.Module], num_classes: int, temperature: float = 1.0, **optim) -> None:
+    def __init__(self, peers: Sequence[nn.Module], num_classes: int, temperature: float = 1.0, optim: Optim | None = None,
+                 augment: nn.Module | None = None) -> None:
         if len(peers) < 2:
             raise ValueError("deep mutual learning needs at least 2 peers (distill.peers)")
         super().__init__(peers[0], num_classes, **optim)

@@ -12,6 +12,7 @@ from kdpipe.losses.base import as_layers, probe_shapes
 from kdpipe.losses.response import soft_kl
 from kdpipe.modules.classifier import ClassifierModule
 from kdpipe.modules.distill import FeatureHooks
+from kdpipe.training import Optim
 
 
 class AuxiliaryExit(nn.Module):
@@ -49,8 +50,9 @@ class SelfDistillationModule(ClassifierModule):
 
     def __init__(self, model: nn.Module, num_classes: int, example_input: torch.Tensor,
                  exit_layers: Sequence[str], feature_layer: str = "pool", alpha: float = 0.3,
-                 feature_weight: float = 0.03, temperature: float = 3.0, **optim) -> None:
-        super().__init__(model, num_classes, **optim)
+                 feature_weight: float = 0.03, temperature: float = 3.0, optim: Optim | None = None,
+                 augment: nn.Module | None = None) -> None:
+        super().__init__(model, num_classes, optim, augment)
         self.exit_layers, self.feature_layer = as_layers(exit_layers), feature_layer
         shapes = probe_shapes(model, (*self.exit_layers, feature_layer), example_input, "student (distill.exit_layers)")
         feature_dim = int(shapes[feature_layer][1:].numel())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -11,12 +12,11 @@ from typing import Any
 import mlflow
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint
-from pytorch_lightning.loggers import MLFlowLogger
 
 import kdpipe
+from kdpipe.data.augment import build_augmentation
 from kdpipe.data.base import TensorDataModule
-from kdpipe.faults import checkpoint_dir, clear_checkpoints, interrupted_runs, owner_tags
+from kdpipe.faults import clear_checkpoints, interrupted_runs, owner_tags
 from kdpipe.tracking.naming import SWEEP_TAG
 from kdpipe.tracking.store import (
     ARTIFACT_TAG,
@@ -28,6 +28,7 @@ from kdpipe.tracking.store import (
     find_reusable_run,
     stage_lock,
 )
+from kdpipe.training import Fitter, Optim
 
 log = logging.getLogger("kdpipe")
 
@@ -60,24 +61,15 @@ class StageOutput:
 
 @dataclass
 class PipelineContext:
+    """What every stage of one pipeline reads: the config, the data, the run folder and the store.
+    Stages write nothing here; each returns its `StageOutput` and the pipeline hands it on."""
+
     cfg: DictConfig
     datamodule: TensorDataModule
     workdir: Path
     tracking_uri: str
-    outputs: dict[str, StageOutput] = field(default_factory=dict)
-    keys: dict[str, str] = field(default_factory=dict)  # stage -> cache key of the stage running now
-    interrupted: dict[str, list] = field(default_factory=dict)  # stage -> runs of killed jobs, newest first
-    fits: dict[str, int] = field(default_factory=dict)  # stage -> Lightning fits started so far
 
-    def fit_key(self, stage: str) -> str | None:
-        """The checkpoint key of the next fit of `stage`. A stage may fit several models in turn
-        (ensemble members, assistant chains, generations): each gets its own folder, in the same
-        order on a re-run, so a resumed stage never loads one model's checkpoint into another."""
-        part = self.fits.get(stage, 0)
-        self.fits[stage] = part + 1
-        key = self.keys.get(stage)
-        return None if key is None else (key if part == 0 else f"{key}/fit{part}")
-
+    @property
     def checkpoint_root(self) -> str:
         return str(self.cfg.get("checkpoint_dir") or ".kdpipe/checkpoints")
 
@@ -85,19 +77,14 @@ class PipelineContext:
         node = self.cfg.get(name)
         return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
-    def trainer(self, stage: str, run_id: str, max_epochs: int, callbacks: Sequence[Callback] = (),
-                ckpt_key: str | None = None) -> pl.Trainer:
-        """A Lightning Trainer whose per-epoch curves go to the stage's MLflow run."""
-        kwargs = dict(self.section("trainer"))
-        kwargs["max_epochs"] = int(max_epochs)
-        logger = MLFlowLogger(tracking_uri=self.tracking_uri, run_id=run_id)
-        # keyed by the stage's cache key, so the same command run again finds it and resumes
-        ckpt_key = ckpt_key or self.fit_key(stage)
-        ckpt_dir = checkpoint_dir(self.checkpoint_root(), ckpt_key) if ckpt_key \
-            else self.workdir / "checkpoints" / stage
-        ckpt = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=1)  # top 1 = the newest epoch
-        return pl.Trainer(**kwargs, logger=logger, callbacks=[ckpt, *callbacks],
-                          default_root_dir=str(self.workdir))
+    def optim(self, lr_scale: float = 1.0) -> Optim:
+        """The optimiser (and LR scheduler) of `conf/optim/`, at `lr_scale` times its learning rate."""
+        return Optim.from_config(self.cfg.optim).scaled(float(lr_scale))
+
+    @functools.cached_property
+    def augment(self):
+        """The batch augmentation of `data.augment` (None without one)."""
+        return build_augmentation(self.section("data").get("augment"), self.datamodule.in_shape)
 
     @property
     def example_input(self):
@@ -106,6 +93,17 @@ class PipelineContext:
     @property
     def num_classes(self) -> int:
         return self.datamodule.num_classes
+
+
+@dataclass
+class StageRun:
+    """A stage being computed: its cache key, its MLflow run, and the `Fitter` of its fits."""
+
+    ctx: PipelineContext
+    stage: str
+    key: str
+    run_id: str
+    fitter: Fitter
 
 
 def stage_key(ctx: PipelineContext, stage: str, sections: Sequence[str], upstream: Sequence[StageOutput],
@@ -122,7 +120,7 @@ def stage_key(ctx: PipelineContext, stage: str, sections: Sequence[str], upstrea
 
 
 def run_stage(ctx: PipelineContext, stage: str, sections: Sequence[str], upstream: Sequence[StageOutput],
-              compute: Callable[[PipelineContext, str], Product | None], extra_key: Any = None,
+              compute: Callable[[StageRun], Product | None], extra_key: Any = None,
               reusable: bool = True) -> StageOutput:
     """Run one stage as a nested MLflow run; reuse a finished run with the same key if any."""
     key = stage_key(ctx, stage, sections, upstream, extra_key)
@@ -131,7 +129,7 @@ def run_stage(ctx: PipelineContext, stage: str, sections: Sequence[str], upstrea
     if parent is not None and SWEEP_TAG in parent.data.tags:  # a sweep filter finds stage runs too
         tags[SWEEP_TAG] = parent.data.tags[SWEEP_TAG]
     with stage_lock(key):
-        ctx.keys[stage], ctx.interrupted[stage] = key, interrupted_runs(key)
+        interrupted = interrupted_runs(key)
         found = find_reusable_run(key) if (reusable and ctx.cfg.reuse) else None
         with mlflow.start_run(run_name=stage, nested=True, tags=tags) as run:
             run_id = run.info.run_id
@@ -149,7 +147,11 @@ def run_stage(ctx: PipelineContext, stage: str, sections: Sequence[str], upstrea
                     kind = found.data.tags.get("kdpipe.model_kind", "torch")
                     return StageOutput(stage, run_id, key, Path(local), kind=kind, reused_from=found.info.run_id)
             pl.seed_everything(int(ctx.cfg.seed), verbose=False)
-            product = compute(ctx, run_id)
+            fitter = Fitter(stage, key, run_id, ctx.tracking_uri, ctx.datamodule, ctx.workdir,
+                            trainer_kwargs=ctx.section("trainer"), checkpoint_root=ctx.checkpoint_root,
+                            callbacks=ctx.section("callbacks") or {}, resume=bool(ctx.cfg.reuse),
+                            interrupted=interrupted)
+            product = compute(StageRun(ctx, stage, key, run_id, fitter))
             if product is None:  # a stage that measures rather than produces a model
                 return StageOutput(stage, run_id, key, None, kind="none")
             if product.metrics:
@@ -159,5 +161,5 @@ def run_stage(ctx: PipelineContext, stage: str, sections: Sequence[str], upstrea
             mlflow.log_artifact(str(product.path), artifact_path="model")
             mlflow.set_tag("kdpipe.model_kind", product.kind)
             mlflow.set_tag(ARTIFACT_TAG, f"model/{product.path.name}")
-            clear_checkpoints(ctx.checkpoint_root(), key)
+            clear_checkpoints(ctx.checkpoint_root, key)
             return StageOutput(stage, run_id, key, product.path, kind=product.kind)

@@ -18,7 +18,7 @@ from kdpipe.metrics.measure import flops_per_sample, onnx_latency_ms, onnx_logit
 from kdpipe.models import count_params
 from kdpipe.models.io import load_model
 from kdpipe.report.tables import fmt, markdown_table
-from kdpipe.stages.base import PipelineContext, StageOutput, run_stage
+from kdpipe.stages.base import PipelineContext, StageOutput, StageRun, run_stage
 
 LATENCY_RUNTIME = "onnxruntime-cpu-1thread"
 
@@ -68,10 +68,9 @@ def write_tables(rows: list[dict], folder: Path) -> list[Path]:
     return [csv_path, md_path, json_path]
 
 
-def evaluate_compute(ctx: PipelineContext, run_id: str) -> list[dict]:
+def evaluate_compute(ctx: PipelineContext, models: list[StageOutput]) -> list[dict]:
     client = MlflowClient()
     rows = []
-    models = [o for name, o in ctx.outputs.items() if name != "last"]
     for out in models:
         torch.manual_seed(0)
         metrics = measure(ctx, out)
@@ -82,19 +81,16 @@ def evaluate_compute(ctx: PipelineContext, run_id: str) -> list[dict]:
     return rows
 
 
-def run_evaluate(ctx: PipelineContext) -> tuple[StageOutput | None, list[dict]]:
-    """Evaluate is always measured afresh (latency is not a pure function), but its run carries
-    a cache key like every stage."""
-    result: dict = {}
+def run_evaluate(ctx: PipelineContext, models: list[StageOutput]) -> list[dict]:
+    """Measure every model of the pipeline, in order; one row each. Evaluate is always measured
+    afresh (latency is not a pure function), but its run carries a cache key like every stage."""
+    rows: list[dict] = []
 
-    def compute(c: PipelineContext, run_id: str):
-        rows = evaluate_compute(c, run_id)
-        result["rows"] = rows
+    def compute(run: StageRun) -> None:
+        rows.extend(evaluate_compute(ctx, models))
         mlflow.set_tag("kdpipe.latency_runtime", LATENCY_RUNTIME)
-        for path in write_tables(rows, c.workdir / "evaluate"):
+        for path in write_tables(rows, ctx.workdir / "evaluate"):
             mlflow.log_artifact(str(path), artifact_path="tables")
-        return None
 
-    upstream = [o for name, o in ctx.outputs.items() if name != "last"]
-    out = run_stage(ctx, "evaluate", ["eval"], upstream, compute, reusable=False)
-    return out, result["rows"]
+    run_stage(ctx, "evaluate", ["eval"], models, compute, reusable=False)
+    return rows

@@ -5,19 +5,22 @@ from __future__ import annotations
 from hydra.utils import instantiate
 from torch import nn
 
+from kdpipe.losses import WeightedSum
 from kdpipe.models.io import load_model
 from kdpipe.modules import ClassifierModule, DistillationModule
-from kdpipe.stages.base import PipelineContext
-from kdpipe.stages.train import optim_kwargs
+from kdpipe.stages.base import PipelineContext, StageOutput
 
 
-def finetune_module(ctx: PipelineContext, model: nn.Module, distill_from_teacher: bool, lr_scale: float):
-    """Fine-tuning keeps distilling from the teacher when asked to (and a teacher exists)."""
-    optim = optim_kwargs(ctx)
-    optim["lr"] = optim["lr"] * float(lr_scale)
+def finetune_module(ctx: PipelineContext, model: nn.Module, teacher: StageOutput | None, distill: bool,
+                    lr_scale: float) -> ClassifierModule:
+    """A module that fine-tunes `model` at `lr_scale` times the learning rate: with the distill
+    stage's terms against the teacher when `distill` is set and the scheme learns from a teacher,
+    else on hard labels."""
+    optim = ctx.optim(lr_scale)
     model.train()  # load_model returns eval mode, and Lightning keeps the mode it finds
-    if distill_from_teacher and "teacher" in ctx.outputs and ctx.cfg.distill.get("loss") is not None:
-        teacher = load_model(ctx.outputs["teacher"].path)
-        return DistillationModule(model, teacher, instantiate(ctx.cfg.distill.loss), ctx.num_classes,
-                                  ctx.example_input, **optim)
-    return ClassifierModule(model, ctx.num_classes, **optim)
+    terms = ctx.cfg.distill.get("terms")
+    from_teacher = getattr(instantiate(ctx.cfg.distill.scheme), "needs_teacher", True)
+    if distill and teacher is not None and terms and from_teacher:
+        return DistillationModule(model, load_model(teacher.path), WeightedSum.from_config(terms), ctx.num_classes,
+                                  ctx.example_input, optim)
+    return ClassifierModule(model, ctx.num_classes, optim)

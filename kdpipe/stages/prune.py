@@ -16,9 +16,9 @@ from kdpipe.compress.structured import StructuredPruner, export_plain_module
 from kdpipe.metrics.measure import torch_logits
 from kdpipe.models import count_params
 from kdpipe.models.io import load_model, read_model_file, save_model
-from kdpipe.stages.base import PipelineContext, Product, StageOutput, run_stage
+from kdpipe.stages.base import PipelineContext, Product, StageOutput, StageRun, run_stage
 from kdpipe.stages.finetune import finetune_module
-from kdpipe.stages.train import fit
+from kdpipe.stages.train import TRAINING_SECTIONS
 
 log = logging.getLogger("kdpipe")
 
@@ -38,18 +38,20 @@ def _taylor_gradients(ctx: PipelineContext, model: nn.Module, batches: int = 4):
     return run
 
 
-def prune_compute(ctx: PipelineContext, run_id: str) -> Product:
+def prune_compute(run: StageRun, upstream: StageOutput, teacher: StageOutput | None) -> Product:
+    ctx = run.ctx
     pcfg, sched, ft = ctx.cfg.prune, ctx.cfg.prune.schedule, ctx.cfg.prune.finetune
-    upstream = ctx.outputs["last"]
     model = load_model(upstream.path)
     arch = read_model_file(upstream.path)["arch"]
     method, target = str(pcfg.method), float(pcfg.sparsity)
     params_before, _ = count_params(model)
 
+    fits = iter(range(10**6))
+
     def finetune(epochs: int, callbacks=()) -> None:
         if epochs > 0:
-            module = finetune_module(ctx, model, bool(ft.distill), float(ft.lr_scale))
-            fit(ctx, "prune", run_id, module, epochs, callbacks)
+            module = finetune_module(ctx, model, teacher, bool(ft.distill), float(ft.lr_scale))
+            run.fitter.fit(module, f"finetune{next(fits)}", epochs, callbacks, resumable=False)
 
     if str(sched.name) == "agp":  # a Lightning callback prunes while fine-tuning
         cb = AGPCallback(lambda s: magnitude_prune(model, s, scope=str(pcfg.scope)),
@@ -103,5 +105,7 @@ def prune_compute(ctx: PipelineContext, run_id: str) -> Product:
     return Product(path, metrics=metrics, artifacts=[table])
 
 
-def run_prune(ctx: PipelineContext) -> StageOutput:
-    return run_stage(ctx, "prune", ["prune", "distill", "trainer", "optim"], [ctx.outputs["last"]], prune_compute)
+def run_prune(ctx: PipelineContext, upstream: StageOutput, teacher: StageOutput | None) -> StageOutput:
+    """Prune the model of `upstream` (fine-tuning distils from `teacher` when configured)."""
+    return run_stage(ctx, "prune", ["prune", "distill", *TRAINING_SECTIONS], [upstream],
+                     lambda run: prune_compute(run, upstream, teacher))

@@ -13,32 +13,32 @@ from kdpipe.compress.qat import FakeQuantCallback
 from kdpipe.compress.quantize import quantize_dynamic_int8, quantize_static_int8
 from kdpipe.export import export_onnx
 from kdpipe.models.io import load_model, read_model_file, save_model
-from kdpipe.stages.base import PipelineContext, Product, StageOutput, run_stage
+from kdpipe.stages.base import PipelineContext, Product, StageOutput, StageRun, run_stage
 from kdpipe.stages.finetune import finetune_module
-from kdpipe.stages.train import fit
+from kdpipe.stages.train import TRAINING_SECTIONS
 
 log = logging.getLogger("kdpipe")
 
 
-def qat_finetune(ctx: PipelineContext, run_id: str, model: nn.Module) -> None:
+def qat_finetune(run: StageRun, model: nn.Module, teacher: StageOutput | None) -> None:
     """A few epochs with fake int8 in the forward pass so the weights settle where int8
     rounding costs least; the fake quantization is removed afterwards."""
-    qcfg = ctx.cfg.quantize
+    qcfg = run.ctx.cfg.quantize
     fake = FakeQuantCallback(model)
-    module = finetune_module(ctx, model, bool(qcfg.distill), float(qcfg.lr_scale))
-    fit(ctx, "quantize", run_id, module, int(qcfg.epochs), [fake])
+    module = finetune_module(run.ctx, model, teacher, bool(qcfg.distill), float(qcfg.lr_scale))
+    run.fitter.fit(module, "qat", int(qcfg.epochs), [fake], resumable=False)
     fake.detach()
     model.eval()
 
 
-def quantize_compute(ctx: PipelineContext, run_id: str) -> Product:
+def quantize_compute(run: StageRun, upstream: StageOutput, teacher: StageOutput | None) -> Product:
+    ctx = run.ctx
     qcfg = ctx.cfg.quantize
-    upstream = ctx.outputs["last"]
     model = load_model(upstream.path)
     mode = str(qcfg.mode)
     out_dir = ctx.workdir / "quantize"
     if mode == "qat":
-        qat_finetune(ctx, run_id, model)
+        qat_finetune(run, model, teacher)
     fp32 = export_onnx(model, ctx.example_input, out_dir / "model.fp32.onnx")
     op_types = list(qcfg.op_types) if qcfg.get("op_types") else None
     if mode == "dynamic":
@@ -62,8 +62,9 @@ def quantize_compute(ctx: PipelineContext, run_id: str) -> Product:
     return Product(out, kind="onnx")
 
 
-def run_quantize(ctx: PipelineContext) -> StageOutput:
-    out = run_stage(ctx, "quantize", ["quantize", "distill", "trainer", "optim"], [ctx.outputs["last"]],
-                    quantize_compute)
-    out.source = ctx.outputs["last"]
+def run_quantize(ctx: PipelineContext, upstream: StageOutput, teacher: StageOutput | None) -> StageOutput:
+    """Quantize the model of `upstream`; the output keeps it as `source` (the fp32 model)."""
+    out = run_stage(ctx, "quantize", ["quantize", "distill", *TRAINING_SECTIONS], [upstream],
+                    lambda run: quantize_compute(run, upstream, teacher))
+    out.source = upstream
     return out

@@ -4,39 +4,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 import mlflow
+from hydra.utils import instantiate
 from torch import nn
 
-from kdpipe.data.augment import build_augmentation
-from kdpipe.faults import fitting, resume_from
-from kdpipe.models.io import build_model, load_state_dict_any, save_model
+from kdpipe.distill.schemes import DistillJob
+from kdpipe.models.io import build_model, load_model, load_state_dict_any, save_model
 from kdpipe.modules import ClassifierModule
-from kdpipe.stages.base import PipelineContext, Product, StageOutput, run_stage
+from kdpipe.stages.base import PipelineContext, Product, StageOutput, StageRun, run_stage
 
-
-def optim_kwargs(ctx: PipelineContext) -> dict[str, Any]:
-    return dict(ctx.section("optim"))
-
-
-def fit(ctx: PipelineContext, stage: str, run_id: str, module, max_epochs: int, callbacks=(),
-        train_loader=None) -> None:
-    """Fit on the data module (or on `train_loader`, e.g. batches that carry cached teacher
-    logits), resuming from the checkpoint an interrupted run of this stage left."""
-    key = ctx.fit_key(stage)
-    trainer = ctx.trainer(stage, run_id, max_epochs, callbacks, ckpt_key=key)
-    ckpt = resume_from(ctx.checkpoint_root(), key, stage, ctx.interrupted.get(stage, [])) \
-        if key and ctx.cfg.reuse else None
-    try:
-        with fitting():
-            if train_loader is None:
-                trainer.fit(module, datamodule=ctx.datamodule, ckpt_path=ckpt, weights_only=True)
-            else:
-                trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=ctx.datamodule.val_dataloader(),
-                            ckpt_path=ckpt, weights_only=True)
-    except FloatingPointError as exc:  # a diverged loss: say which stage, keep the term and epoch
-        raise FloatingPointError(f"stage {stage}: {exc}") from exc
+TRAINING_SECTIONS = ["trainer", "optim", "callbacks"]
 
 
 def is_uri(ref: str) -> bool:
@@ -57,7 +35,8 @@ def resolve_checkpoint(ref: str) -> Path:
     return Path(os.path.expanduser(ref))
 
 
-def teacher_compute(ctx: PipelineContext, run_id: str) -> Product:
+def teacher_compute(run: StageRun) -> Product:
+    ctx = run.ctx
     tcfg = ctx.cfg.teacher
     arch = ctx.section("teacher")["model"]
     model: nn.Module = build_model(arch)
@@ -65,10 +44,10 @@ def teacher_compute(ctx: PipelineContext, run_id: str) -> Product:
         model.load_state_dict(load_state_dict_any(resolve_checkpoint(str(tcfg.checkpoint))))
         mlflow.set_tag("kdpipe.teacher_source", str(tcfg.checkpoint))
     else:
-        augment = build_augmentation(ctx.section("data").get("augment"), ctx.datamodule.in_shape)
-        for member in getattr(model, "members", None) or [model]:  # an ensemble's members train apart
-            module = ClassifierModule(member, ctx.num_classes, augment=augment, **optim_kwargs(ctx))
-            fit(ctx, "teacher", run_id, module, tcfg.max_epochs)
+        members = getattr(model, "members", None)  # an ensemble's members train apart
+        for i, member in enumerate(members or [model]):
+            module = ClassifierModule(member, ctx.num_classes, ctx.optim(), ctx.augment)
+            run.fitter.fit(module, f"member{i}" if members else "teacher", int(tcfg.max_epochs))
     return Product(save_model(model, arch, ctx.workdir / "teacher" / "model.pt"))
 
 
@@ -78,16 +57,24 @@ def run_teacher(ctx: PipelineContext) -> StageOutput:
     if ckpt and not is_uri(str(ckpt)):
         st = Path(str(ckpt)).expanduser().stat()
         extra = {"checkpoint_size": st.st_size, "checkpoint_mtime": st.st_mtime_ns}
-    return run_stage(ctx, "teacher", ["teacher", "trainer", "optim"], [], teacher_compute, extra_key=extra)
+    return run_stage(ctx, "teacher", ["teacher", *TRAINING_SECTIONS], [], teacher_compute, extra_key=extra)
 
 
-def distill_compute(ctx: PipelineContext, run_id: str) -> Product:
-    from kdpipe.distill.schemes import compute_student  # every scheme: offline, online, self
+def run_distill(ctx: PipelineContext, teacher: StageOutput | None) -> StageOutput:
+    """Train the student with `distill.scheme` (a `_target_` class: `kdpipe.distill.schemes`)."""
+    scheme = instantiate(ctx.cfg.distill.scheme)
+    uses_teacher = bool(getattr(scheme, "needs_teacher", True))
+    if uses_teacher and teacher is None:
+        raise ValueError(f"{type(scheme).__name__} distils from the teacher stage, but teacher is none")
 
-    return compute_student(ctx, run_id)
+    def compute(run: StageRun) -> Product:
+        job = DistillJob(ctx.cfg.distill, ctx.section("student")["model"], ctx.num_classes, ctx.example_input,
+                         ctx.augment, run.fitter, ctx.datamodule, ctx.workdir, ctx.optim())
+        if uses_teacher:
+            job.teacher = load_model(teacher.path)
+            job.teacher_run_id, job.teacher_key = teacher.reused_from or teacher.run_id, teacher.cache_key
+        student = scheme.train(job)
+        return Product(save_model(student, job.student_arch, ctx.workdir / "distill" / "model.pt"))
 
-
-def run_distill(ctx: PipelineContext) -> StageOutput:
-    scratch = ctx.cfg.distill.get("loss") is None
-    upstream = [] if scratch else [ctx.outputs["teacher"]]
-    return run_stage(ctx, "distill", ["distill", "student", "trainer", "optim"], upstream, distill_compute)
+    upstream = [teacher] if uses_teacher else []
+    return run_stage(ctx, "distill", ["distill", "student", *TRAINING_SECTIONS], upstream, compute)

@@ -34,8 +34,8 @@ def run_name(cfg: DictConfig, overrides: Sequence[str] = ()) -> str:
     """`<scheme>[-T<t>-a<alpha>][-<prune><pct>][-int8[-<mode>]][-s<seed>]` plus the other
     overridden keys (`-mlp`, `-lr0.1`), so runs of one sweep differ by name where they differ."""
     distill = cfg.distill
-    parts = [str(distill.get("scheme", "kd"))]
-    if distill.get("loss") is not None:
+    parts = [str(distill.get("name", "kd"))]
+    if distill.get("terms"):
         if distill.get("temperature") is not None:
             parts.append(f"T{_num(distill.temperature)}")
         if distill.get("alpha") is not None:
