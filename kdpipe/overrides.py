@@ -130,7 +130,7 @@ def check(args: Sequence[str], config_path: str, config_name: str = "config") ->
                     variants.append([*first[:i], f"{o.get_key_element()}={option}", *first[i + 1:]])
         try:
             bases = [compose(config_name, overrides=v) for v in variants]
-        except HydraException as exc:
+        except (HydraException, ValueError) as exc:  # ValueError: a group given a number (`optim=3`)
             raise ConfigError(_one_line(exc)) from None
         for o, _ in values:
             key = o.key_or_group

@@ -36,7 +36,8 @@ def test_unknown_keys_are_named_with_the_closest_existing_key(args, named):
     (["trainer.max_epochs=2.5"], "trainer.max_epochs takes an integer"),
     (["reuse=maybe"], "reuse takes a boolean"),
     (["-m", "distill.temperature=1,2,hot"], "distill.temperature=hot"),  # every value of a sweep
-    (["optim=3"], "optim takes a mapping"),
+    (["eval=3"], "eval takes a mapping"),
+    (["optim=3"], "Config group override must be a string"),  # optim is a group: its options are names
 ])
 def test_a_value_of_the_wrong_type_is_refused_with_the_key_and_its_default(args, named):
     with pytest.raises(ConfigError, match=named):

@@ -17,7 +17,7 @@ from typing import Any
 
 import mlflow
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from kdpipe import limits
@@ -123,6 +123,8 @@ class Offline:
                  capacity_gap_fraction: float = 0.05, ensemble_temperature: float | None = None) -> None:
         self.cache_teacher = str(cache_teacher).lower()
         use_cache(self.cache_teacher, [])  # the mode's spelling is checked here, its feasibility in check()
+        if isinstance(chain, ListConfig):  # `_recursive_: false` hands the model configs over unbuilt
+            chain = OmegaConf.to_container(chain, resolve=True)
         self.chain = [dict(spec) for spec in chain or []]
         self.capacity_gap_fraction = float(capacity_gap_fraction)
         self.ensemble_temperature = None if ensemble_temperature is None else limits.temperature(

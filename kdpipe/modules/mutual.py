@@ -27,11 +27,11 @@ class MutualLearningModule(ClassifierModule):
     Terms: `ce` (summed over peers), `mimic` (the KL terms, summed over peers).
     """
 
-    def __init__(self, peers: Sequence[nn.Module], num_classes: int, temperature: float = 1.0, optim: Optim | None = None,
-                 augment: nn.Module | None = None) -> None:
+    def __init__(self, peers: Sequence[nn.Module], num_classes: int, temperature: float = 1.0,
+                 optim: Optim | None = None, augment: nn.Module | None = None) -> None:
         if len(peers) < 2:
-            raise ValueError("deep mutual learning needs at least 2 peers (distill.peers)")
-        super().__init__(peers[0], num_classes, **optim)
+            raise ValueError("deep mutual learning needs at least 2 peers (distill.scheme.peers)")
+        super().__init__(peers[0], num_classes, optim, augment)
         self.others = nn.ModuleList(peers[1:])
         self.temperature = float(temperature)
 
