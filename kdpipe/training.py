@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from mlflow.entities import Run
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import MLFlowLogger
+from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 
 from kdpipe.faults import checkpoint_dir, fitting, resume_from
@@ -65,6 +66,16 @@ class Optim:
         return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler(opt), "interval": "epoch"}}
 
 
+class StageRunLogger(MLFlowLogger):
+    """Lightning's MLflow logger on the stage's run, which the stage (not each fit) ends: Lightning
+    marks the run FINISHED when a fit ends, so a stage of several fits (a chain, born-again
+    generations) killed in its second fit would look finished and its resume would be missed."""
+
+    @rank_zero_only
+    def finalize(self, status: str = "success") -> None:
+        """Nothing to do: the stage's `mlflow.start_run` context sets the run's final status."""
+
+
 @dataclass
 class Fitter:
     """Runs the Lightning fits of one stage run. Each fit has a name (`student`, `ta1`, `gen2`,
@@ -93,7 +104,7 @@ class Fitter:
 
     def trainer(self, name: str, max_epochs: int, callbacks: Sequence[Callback] = ()) -> pl.Trainer:
         """A Lightning Trainer whose per-epoch curves go to the stage's MLflow run."""
-        logger = MLFlowLogger(tracking_uri=self.tracking_uri, run_id=self.run_id)
+        logger = StageRunLogger(tracking_uri=self.tracking_uri, run_id=self.run_id)
         ckpt = ModelCheckpoint(dirpath=checkpoint_dir(self.checkpoint_root, self.checkpoint_key(name)),
                                save_last=True, save_top_k=1)  # top 1 = the newest epoch
         return pl.Trainer(**{**self.trainer_kwargs, "max_epochs": int(max_epochs)}, logger=logger,

@@ -31,8 +31,8 @@ def _stage_runs(stage: str) -> list:
                               order_by=["attributes.start_time DESC"])
 
 
-def _start(cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "kdpipe", *RESUME_ARGS], cwd=cwd, env=dict(os.environ),
+def _start(cwd: Path, args: list[str] = RESUME_ARGS) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "kdpipe", *args], cwd=cwd, env=dict(os.environ),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -49,12 +49,13 @@ def _wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 120
     pytest.fail(f"timed out waiting for {what}")
 
 
-def _running_distill_checkpoint(ckpt_root: Path, not_run: str | None = None, newer_than: float = 0.0):
-    """(run, last.ckpt) of the distill stage running now, once it has saved an epoch."""
+def _running_distill_checkpoint(ckpt_root: Path, not_run: str | None = None, newer_than: float = 0.0,
+                                fit: str = "student"):
+    """(run, last.ckpt) of the distill stage running now, once its fit `fit` has saved an epoch."""
     for run in _stage_runs("distill"):
         if run.info.status != "RUNNING" or run.info.run_id == not_run:
             continue
-        last = ckpt_root / run.data.tags["kdpipe.cache_key"] / "last.ckpt"
+        last = ckpt_root / run.data.tags["kdpipe.cache_key"] / fit / "last.ckpt"
         if last.is_file() and last.stat().st_mtime > newer_than:
             return run, last
     return None
@@ -74,7 +75,7 @@ def test_a_killed_job_run_again_reuses_finished_stages_and_resumes_the_interrupt
 
     # 2. The same command again, stopped by SIGTERM once it has resumed and saved an epoch.
     second = _start(tmp_path)
-    since = (ckpt_root / run_a.data.tags["kdpipe.cache_key"] / "last.ckpt").stat().st_mtime
+    since = (ckpt_root / run_a.data.tags["kdpipe.cache_key"] / "student" / "last.ckpt").stat().st_mtime
     run_b, _ = _wait_for(lambda: _running_distill_checkpoint(ckpt_root, run_a.info.run_id, since), second,
                          "the resumed distill stage to save an epoch")
     second.send_signal(signal.SIGTERM)
@@ -111,6 +112,44 @@ def test_a_killed_job_run_again_reuses_finished_stages_and_resumes_the_interrupt
     statuses = {r.info.status for r in mlflow.search_runs(experiment_names=["kdpipe"], output_format="list")}
     assert "RUNNING" not in statuses
     assert not any(ckpt_root.iterdir())  # a finished stage needs no checkpoint
+
+
+MULTI_FIT = [*FAST, "data.num_samples=4096", "data.batch_size=64", "teacher.max_epochs=1", "distill.max_epochs=3",
+             "prune=none", "quantize=none"]
+
+
+@pytest.mark.parametrize("args, fit, done", [
+    (["distill=born_again", "distill.scheme.generations=2"], "gen2", ["gen0", "gen1"]),
+    (["distill=kd", "distill.scheme.chain=[{_target_:kdpipe.models.cnn,width:6,depth:2},"
+      "{_target_:kdpipe.models.cnn,width:5,depth:2}]"], "ta1", ["ta0"]),
+], ids=["born_again_generation_2", "chain_link_2"])
+def test_a_fit_after_the_first_resumes_where_it_was_killed(store, tmp_path, args, fit, done):
+    """A stage that fits several models in turn: after a SIGKILL in a later fit, the same command
+    restores the finished fits without training them again and goes on in the interrupted one."""
+    ckpt_root = tmp_path / ".kdpipe" / "checkpoints"
+    job = _start(tmp_path, [*MULTI_FIT, *args])
+    _wait_for(lambda: list(ckpt_root.glob(f"*/{fit}/last.ckpt")), job, f"a checkpoint of {fit}")
+    job.send_signal(signal.SIGKILL)
+    job.wait(timeout=30)
+    run_a = _stage_runs("distill")[0]
+    assert run_a.info.status == "RUNNING"  # the end of a fit does not end the stage's run
+    key = run_a.data.tags["kdpipe.cache_key"]
+    assert all((ckpt_root / key / name / "last.ckpt").is_file() for name in done)
+
+    run_pipeline(make_cfg([*MULTI_FIT[len(FAST):], *args]), tmp_path / "out")
+    client = MlflowClient()
+    run_b = _stage_runs("distill")[0]
+    assert run_b.info.status == "FINISHED" and run_b.data.tags["kdpipe.cache_key"] == key
+    assert client.get_run(run_a.info.run_id).info.status == "KILLED"
+    assert run_b.data.tags["kdpipe.resumed_fit"] == f"distill/{fit}"
+    assert run_b.data.tags["kdpipe.resumed_from"] == run_a.info.run_id
+    resumed_epoch = int(run_b.data.tags["kdpipe.resumed_epoch"])
+    assert 1 <= resumed_epoch < 3
+    # the finished fits trained no further; the interrupted one trained only its remaining epochs,
+    # and the fits after it (the student of a chain) all of theirs
+    after = 0 if fit == "gen2" else 3
+    assert len(client.get_metric_history(run_b.info.run_id, "val/acc")) == 3 - resumed_epoch + after
+    assert not any(ckpt_root.iterdir())
 
 
 def test_a_diverging_loss_stops_the_stage_naming_term_and_epoch_and_marks_it_failed(store, tmp_path):
