@@ -27,14 +27,10 @@ def validate_distill(cfg: DictConfig) -> None:
     example = torch.zeros(2, *in_shape)
     scheme = str(dcfg.get("scheme", "kd"))
     student = _model(cfg.student)
-    if scheme == "dml" and int(dcfg.get("peers", 2)) < 2:
-        raise ConfigError(f"distill.peers={dcfg.peers} must be >= 2: mutual learning needs a cohort")
     if scheme == "self":
         mode = dcfg.get("mode")
         if mode not in ("born_again", "deep_to_shallow"):
             raise ConfigError(f"distill.mode={mode} must be born_again or deep_to_shallow")
-        if mode == "born_again" and int(dcfg.born_again.generations) < 1:
-            raise ConfigError("distill.born_again.generations must be >= 1")
         if mode == "deep_to_shallow":
             d = dcfg.deep_to_shallow
             for path in [*d.exit_layers, d.feature_layer]:
