@@ -110,14 +110,12 @@ RANGES: dict[str, Callable[[Any, str], Any]] = {
     "prune.schedule.initial_sparsity": sparsity,
     "prune.schedule.steps": partial(positive_int, hint="prune/fine-tune steps, e.g. 5"),
     "prune.schedule.frequency": partial(positive_int, hint="optimizer steps between pruning steps"),
-    "prune.schedule.start_epoch": partial(non_negative, hint="in fine-tuning epochs"),
-    "prune.schedule.end_epoch": partial(non_negative, hint="in fine-tuning epochs"),
+    "prune.schedule.*_epoch": partial(non_negative, hint="in fine-tuning epochs"),  # agp's start and end
     "prune.finetune.epochs": partial(whole_number, hint="fine-tuning epochs; 0 for none"),
-    "prune.finetune.lr_scale": partial(positive, hint="fine-tuning lr = optim.lr * this"),
+    "*lr_scale": partial(positive, hint="fine-tuning lr = optim.lr * this"),  # prune.finetune, quantize
     "quantize.calibration.num_batches": partial(
         positive_int, hint="static int8 needs calibration data to set activation ranges, e.g. 8 batches"),
     "quantize.epochs": partial(positive_int, hint="QAT trains with fake int8; quantize=static trains none"),
-    "quantize.lr_scale": partial(positive, hint="fine-tuning lr = optim.lr * this"),
     "optim.lr": partial(positive, hint="the learning rate, e.g. 0.01"),
     "optim.weight_decay": partial(non_negative, hint="the L2 penalty; 0 for none"),
     "data.batch_size": partial(positive_int, hint="samples per batch"),
