@@ -66,8 +66,9 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def entry() -> None:
-    """The `kdpipe` command: a misspelled key or a wrongly typed value fails here, in one line
-    naming the key, before Hydra composes and long work starts; then Hydra runs `main`."""
+    """The `kdpipe` command: a misspelled key, a wrongly typed value or a value out of its range
+    (each value of a sweep) fails here, in one line naming the key, before torch, Lightning and
+    MLflow are imported; then Hydra runs `main`."""
     from kdpipe.overrides import check
 
     try:

@@ -1,7 +1,9 @@
 """Checks on a composed config that run before any training starts.
 
-Hydra itself rejects an unknown option in a group (listing the valid ones); these checks catch
-values that compose fine but make no sense, each with a message that says how to fix it.
+Hydra itself rejects an unknown option in a group (listing the valid ones), and the command line
+checks the range of every numeric knob (`kdpipe.limits`) before torch is imported; these checks
+need the models (layer paths, output sizes) or the file system, each with a message that says how
+to fix it. `validate` repeats the ranges for configs composed in Python and values a sweeper samples.
 """
 
 from __future__ import annotations
@@ -12,10 +14,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from kdpipe import limits
 from kdpipe.compress.checks import check_compression
 from kdpipe.distill.checks import validate_distill
 from kdpipe.errors import ConfigError
+from kdpipe.limits import check_config
 from kdpipe.stages.train import is_uri
 
 
@@ -41,12 +43,7 @@ def validate(cfg: DictConfig) -> None:
     num_classes = int(data.num_classes)
 
     distill = cfg.distill
-    if distill.get("temperature") is not None:
-        limits.temperature(distill.temperature)
-    if distill.get("alpha") is not None:
-        limits.alpha(distill.alpha)
-    if cfg.prune.get("sparsity") is not None:
-        limits.sparsity(cfg.prune.sparsity)
+    check_config(cfg)  # the ranges, also checked on the command line before this module is imported
     check_compression(cfg)
 
     teacher = cfg.get("teacher")

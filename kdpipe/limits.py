@@ -3,18 +3,27 @@
 Imports nothing heavy (no torch, Lightning or MLflow), so the command line can reject a bad
 value in well under a second, before any long import; the loss terms, schemes and pruners call
 the same functions when they are built, so a value given in Python is held to the same rule.
-Each function returns the value as a float, or raises `ConfigError` naming the key and the fix.
+Each function returns the value as a number, or raises `ConfigError` naming the key and the fix;
+`check_config` applies them to every key of a composed config that `RANGES` names.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from fnmatch import fnmatchcase
+from functools import partial
 from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from kdpipe.errors import ConfigError
 
 
 def _number(value: Any, key: str, hint: str) -> float:
+    if isinstance(value, bool):  # float(True) is 1.0: a flag is not a number
+        raise ConfigError(f"{key}={value} must be a number ({hint})")
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -26,11 +35,7 @@ def _number(value: Any, key: str, hint: str) -> float:
 
 def temperature(value: Any, key: str = "distill.temperature") -> float:
     """A softmax temperature: finite and > 0 (Hinton et al. 2015 use 1-20)."""
-    hint = "try 1-16; 4 is a common default"
-    t = _number(value, key, hint)
-    if t <= 0:
-        raise ConfigError(f"{key}={value} must be > 0 ({hint})")
-    return t
+    return positive(value, key, "try 1-16; 4 is a common default")
 
 
 def unit_interval(value: Any, key: str, what: str) -> float:
@@ -47,10 +52,7 @@ def alpha(value: Any, key: str = "distill.alpha") -> float:
 
 def weight(value: Any, key: str) -> float:
     """A loss weight: finite and >= 0 (0 removes the term)."""
-    w = _number(value, key, "a loss weight >= 0; 0 removes the term")
-    if w < 0:
-        raise ConfigError(f"{key}={value} must be >= 0 (a loss weight; 0 removes the term)")
-    return w
+    return non_negative(value, key, "a loss weight; 0 removes the term")
 
 
 def sparsity(value: Any, key: str = "prune.sparsity") -> float:
@@ -61,9 +63,107 @@ def sparsity(value: Any, key: str = "prune.sparsity") -> float:
     return s
 
 
+def positive(value: Any, key: str, hint: str) -> float:
+    """A finite number > 0 (a temperature, a learning rate, a scale)."""
+    x = _number(value, key, hint)
+    if x <= 0:
+        raise ConfigError(f"{key}={value} must be > 0 ({hint})")
+    return x
+
+
+def non_negative(value: Any, key: str, hint: str) -> float:
+    """A finite number >= 0 (a loss weight, a weight decay, an epoch to start at)."""
+    x = _number(value, key, hint)
+    if x < 0:
+        raise ConfigError(f"{key}={value} must be >= 0 ({hint})")
+    return x
+
+
+def whole_number(value: Any, key: str, hint: str, minimum: int = 0) -> int:
+    """A count >= `minimum` (0 fine-tuning epochs means none)."""
+    n = _number(value, key, hint)
+    if n != int(n):
+        raise ConfigError(f"{key}={value} must be a whole number ({hint})")
+    if n < minimum:
+        raise ConfigError(f"{key}={value} must be >= {minimum} ({hint})")
+    return int(n)
+
+
 def positive_int(value: Any, key: str, hint: str) -> int:
     """A count >= 1 (epochs, steps, peers, generations)."""
-    n = _number(value, key, hint)
-    if n != int(n) or n < 1:
-        raise ConfigError(f"{key}={value} must be a whole number >= 1 ({hint})")
-    return int(n)
+    return whole_number(value, key, hint, minimum=1)
+
+
+# The range of each key of a composed config, by key pattern (fnmatch: `*` spans dots); the first
+# pattern that matches a key decides, and a key a config does not have is not checked. The
+# `distill.*` patterns hold for the flat scheme files and for the layout with
+# `distill.terms.<name>.{weight,temperature,...}` and `distill.scheme.{...}` alike.
+RANGES: dict[str, Callable[[Any, str], Any]] = {
+    "distill.temperature": temperature,
+    "distill.*.temperature": temperature,
+    "distill.alpha": alpha,
+    "distill.*weight": weight,  # distill.terms.<name>.weight, distill.hint_weight, ...
+    "distill.peers": partial(whole_number, hint="mutual learning needs a cohort", minimum=2),
+    "distill.*generations": partial(positive_int, hint="born-again generations, e.g. 2"),
+    "*max_epochs": partial(positive_int, hint="training epochs"),
+    "prune.sparsity": sparsity,
+    "prune.schedule.initial_sparsity": sparsity,
+    "prune.schedule.steps": partial(positive_int, hint="prune/fine-tune steps, e.g. 5"),
+    "prune.schedule.frequency": partial(positive_int, hint="optimizer steps between pruning steps"),
+    "prune.schedule.*_epoch": partial(non_negative, hint="in fine-tuning epochs"),  # agp's start and end
+    "prune.finetune.epochs": partial(whole_number, hint="fine-tuning epochs; 0 for none"),
+    "*lr_scale": partial(positive, hint="fine-tuning lr = optim.lr * this"),  # prune.finetune, quantize
+    "quantize.calibration.num_batches": partial(
+        positive_int, hint="static int8 needs calibration data to set activation ranges, e.g. 8 batches"),
+    "quantize.epochs": partial(positive_int, hint="QAT trains with fake int8; quantize=static trains none"),
+    "optim.lr": partial(positive, hint="the learning rate, e.g. 0.01"),
+    "optim.weight_decay": partial(non_negative, hint="the L2 penalty; 0 for none"),
+    "data.batch_size": partial(positive_int, hint="samples per batch"),
+    "eval.latency_iters": partial(positive_int, hint="timed runs per model"),
+    "eval.latency_warmup": partial(whole_number, hint="untimed runs before timing"),
+    "eval.throughput_batch_size": partial(positive_int, hint="samples per timed batch"),
+}
+
+
+def _leaves(node: DictConfig, prefix: str = "") -> Iterator[tuple[str, Any, bool]]:
+    """(dotted key, resolved value, is an interpolation) of every leaf of the mappings under
+    `node`; a value that cannot be resolved yet (a resolver of the running job) is left out."""
+    for key in node.keys():
+        full = f"{prefix}{key}"
+        try:
+            value = node[key]
+        except OmegaConfBaseException:
+            continue
+        if isinstance(value, DictConfig):
+            yield from _leaves(value, f"{full}.")
+        elif value is not None and not OmegaConf.is_list(value):
+            yield full, value, OmegaConf.is_interpolation(node, str(key))
+
+
+def _agp_bounds(cfg: DictConfig) -> None:
+    """Automated gradual pruning (Zhu & Gupta 2017) ramps from `initial_sparsity` to
+    `prune.sparsity` between `start_epoch` and `end_epoch` of the fine-tuning."""
+    prune = cfg.get("prune")
+    sched = prune.get("schedule") if isinstance(prune, DictConfig) else None
+    if not isinstance(sched, DictConfig) or "agp" not in str(sched.get("name") or sched.get("_target_")).lower():
+        return
+    if "initial_sparsity" in sched and "sparsity" in prune and sched.initial_sparsity > prune.sparsity:
+        raise ConfigError(f"prune.schedule.initial_sparsity={sched.initial_sparsity} must lie in "
+                          f"[0, prune.sparsity={prune.sparsity}]")
+    epochs = prune.get("finetune", {}).get("epochs")
+    start, end = sched.get("start_epoch"), sched.get("end_epoch")
+    if start is not None and end is not None and (end <= start or (epochs is not None and end > epochs)):
+        raise ConfigError(f"prune.schedule: agp needs start_epoch < end_epoch <= prune.finetune.epochs "
+                          f"(got {start}, {end}, {epochs})")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Raise `ConfigError` on the first key of `cfg` outside its range in `RANGES`. Values written
+    in place are checked before interpolations (`distill.loss.temperature: ${..temperature}`),
+    so the message names the key the user set."""
+    leaves = [leaf for leaf in _leaves(cfg) if not leaf[0].startswith("hydra.")]
+    for key, value, _ in sorted(leaves, key=lambda leaf: leaf[2]):
+        check = next((f for pattern, f in RANGES.items() if fnmatchcase(key, pattern)), None)
+        if check is not None:
+            check(value, key)
+    _agp_bounds(cfg)

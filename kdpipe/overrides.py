@@ -6,10 +6,13 @@ fine and fails deep inside training. This check composes the config once per com
 first value of every sweep, then turns a refused key into one line naming it (with the closest
 existing key), and compares the type of each `key=value` with the default it replaces. It needs
 no schema listing every key, so options added to config groups are checked as they appear.
+Last, the ranges of `kdpipe.limits` are checked on the composed config, once per value of each
+sweep. Nothing here imports torch, Lightning or MLflow: a bad value fails in about a second.
 """
 
 from __future__ import annotations
 
+import copy
 import difflib
 from collections.abc import Sequence
 from typing import Any
@@ -19,9 +22,11 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
 from kdpipe.errors import ConfigError
+from kdpipe.limits import check_config
 
 # Keys whose values legitimately take several types (Lightning: devices=2 or "auto" or [0, 1];
 # limit_*_batches=10 batches or 0.1 of them).
@@ -95,61 +100,124 @@ def _unknown_key_message(key: str, value: str, base: DictConfig) -> str:
             f"to add a new key on purpose write +{key}={value}")
 
 
-def check(args: Sequence[str], config_path: str, config_name: str = "config") -> None:
-    """Raise `ConfigError` (one line, naming the key) on an unknown key or a wrongly typed value."""
-    if any(a.split("=")[0] in _OWN_CONFIG_FLAGS for a in args):
-        return
-    lines = [a for a in args if not a.startswith("-") and "=" in a]
-    if not lines:
-        return
+def _parse(lines: Sequence[str]) -> list[Override]:
     try:
-        overrides = OverridesParser.create().parse_overrides(lines)
+        return [o for o in OverridesParser.create().parse_overrides(list(lines)) if not o.is_hydra_override()]
     except HydraException as exc:
         raise ConfigError(_one_line(exc)) from None
-    overrides = [o for o in overrides if not o.is_hydra_override()]
-    if GlobalHydra.instance().is_initialized():  # called from inside a Hydra app: nothing to add
+
+
+def _split(overrides: list[Override], repo: Any) -> tuple[list[Override], list[Override]]:
+    """(config group choices and deletions, value overrides), leaving out what a sweeper samples
+    (an interval): that is checked in the job."""
+    groups, values = [], []
+    for o in overrides:
+        if single_value(o) is None:
+            continue
+        is_group = repo.group_exists(o.key_or_group.replace(".", "/")) or "/" in o.key_or_group
+        (groups if is_group or o.is_delete() else values).append(o)
+    return groups, values
+
+
+def _given(override: Override) -> list[Any]:
+    return list(override.sweep_iterator()) if override.is_discrete_sweep() else [override.value()]
+
+
+def _compose_variants(config_name: str, groups: list[Override], hydra: bool = False) -> list[DictConfig]:
+    """One config per option of a swept group, the other groups at their first option: a key is
+    unknown only if no option has it, and is typed by the first option that has it."""
+    first = [single_value(o) for o in groups]
+    variants = [first]
+    for i, o in enumerate(groups):
+        if o.is_discrete_sweep():
+            for option in list(o.sweep_string_iterator())[1:]:
+                variants.append([*first[:i], f"{o.get_key_element()}={option}", *first[i + 1:]])
+    try:
+        return [compose(config_name, overrides=v, return_hydra_config=hydra) for v in variants]
+    except (HydraException, ValueError) as exc:  # ValueError: a group given a number (`optim=3`)
+        raise ConfigError(_one_line(exc)) from None
+
+
+def _has(cfg: DictConfig, key: str) -> bool:
+    return OmegaConf.select(cfg, key, default=_MISSING) is not _MISSING
+
+
+def _check_key_and_type(override: Override, bases: list[DictConfig]) -> None:
+    key = override.key_or_group
+    if override.is_add() or override.is_force_add():
         return
+    having = [b for b in bases if _has(b, key)]
+    if not having:
+        raise ConfigError(_unknown_key_message(key, override.input_line.split("=", 1)[1], bases[0]))
+    if key in MIXED_TYPE_KEYS:
+        return
+    default = OmegaConf.select(having[0], key)
+    for new in _given(override):
+        if isinstance(new, str) and "${" in new:  # an interpolation: typed once resolved
+            continue
+        if not _compatible(default, new):
+            shown = str(default).lower() if isinstance(default, bool) else default
+            raise ConfigError(f"{key}={new}: {key} takes {_kind(default)} (default {shown}) but got "
+                              f"{_kind(new)} {new!r}; e.g. {key}={shown}")
+
+
+def _with_value(cfg: DictConfig, override: Override, value: Any) -> DictConfig:
+    """A copy of `cfg` with `key=value` applied as Hydra applies a value override."""
+    out = copy.deepcopy(cfg)
+    try:
+        OmegaConf.update(out, override.key_or_group, value, merge=True,
+                         force_add=override.is_add() or override.is_force_add())
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{override.input_line}: {_one_line(exc)}") from None
+    return out
+
+
+def _check_ranges(bases: list[DictConfig], values: list[Override]) -> None:
+    """`kdpipe.limits` on each base with every value override at its first value, then with each
+    other value of a sweep in turn: a bad value anywhere in a sweep stops the command. A key of
+    one option of a swept group only (`prune.importance` of `prune=structured`) is set where it is."""
+    for base in bases:
+        mine = [o for o in values if o.is_add() or o.is_force_add() or _has(base, o.key_or_group)]
+        full = base
+        for o in mine:
+            full = _with_value(full, o, _given(o)[0])
+        check_config(full)
+        for o in mine:
+            for value in _given(o)[1:]:
+                check_config(_with_value(full, o, value))
+
+
+def check(args: Sequence[str], config_path: str, config_name: str = "config") -> None:
+    """Raise `ConfigError` (one line, naming the key) on an unknown key, a wrongly typed value or
+    a value out of its range (`kdpipe.limits`), for every value of a sweep (on the command line or
+    in the `hydra.sweeper.params` of an experiment)."""
+    if any(a.split("=")[0] in _OWN_CONFIG_FLAGS for a in args):
+        return
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    overrides = _parse([a for a in args if not a.startswith("-") and "=" in a])
+    if (not overrides and not multirun) or GlobalHydra.instance().is_initialized():
+        return  # nothing to check, or called from inside a Hydra app
     init = initialize_config_module(config_path[len("pkg://"):], version_base="1.3") \
         if config_path.startswith("pkg://") else initialize_config_dir(config_path, version_base="1.3")
     with init:
         repo = GlobalHydra.instance().config_loader().repository
-        groups, values = [], []
-        for o in overrides:
-            line = single_value(o)
-            if line is None:
-                continue
-            is_group = repo.group_exists(o.key_or_group.replace(".", "/")) or "/" in o.key_or_group
-            (groups if is_group or o.is_delete() else values).append((o, line))
-        # one base config per option of a swept group (the others at their first option): a key
-        # is unknown only if no option has it, and is typed by the first option that has it
-        first = [line for _, line in groups]
-        variants = [first]
-        for i, (o, _) in enumerate(groups):
-            if o.is_discrete_sweep():
-                for option in list(o.sweep_string_iterator())[1:]:
-                    variants.append([*first[:i], f"{o.get_key_element()}={option}", *first[i + 1:]])
-        try:
-            bases = [compose(config_name, overrides=v) for v in variants]
-        except (HydraException, ValueError) as exc:  # ValueError: a group given a number (`optim=3`)
-            raise ConfigError(_one_line(exc)) from None
-        for o, _ in values:
-            key = o.key_or_group
-            if o.is_add() or o.is_force_add():
-                continue
-            having = [b for b in bases if OmegaConf.select(b, key, default=_MISSING) is not _MISSING]
-            if not having:
-                raise ConfigError(_unknown_key_message(key, o.input_line.split("=", 1)[1], bases[0]))
-            if key in MIXED_TYPE_KEYS:
-                continue
-            default = OmegaConf.select(having[0], key)
-            given = list(o.sweep_iterator()) if o.is_discrete_sweep() else [o.value()]
-            for new in given:
-                if isinstance(new, str) and "${" in new:  # an interpolation: typed once resolved
-                    continue
-                if not _compatible(default, new):
-                    shown = str(default).lower() if isinstance(default, bool) else default
-                    raise ConfigError(f"{key}={new}: {key} takes {_kind(default)} (default {shown}) but got "
-                                      f"{_kind(new)} {new!r}; e.g. {key}={shown}")
+        groups, values = _split(overrides, repo)
+        bases = _compose_variants(config_name, groups, hydra=multirun)
+        if multirun:  # the sweep of an experiment file; the command line wins, as in Hydra's sweeper
+            given = {o.key_or_group for o in overrides}
+            params = OmegaConf.select(bases[0], "hydra.sweeper.params") or {}
+            more_groups, more_values = _split([o for o in _parse([f"{k}={v}" for k, v in params.items()])
+                                               if o.key_or_group not in given], repo)
+            values += more_values
+            if more_groups:
+                groups += more_groups
+                bases = _compose_variants(config_name, groups)
+            for b in bases:
+                with open_dict(b):
+                    b.pop("hydra", None)
+        for o in values:
+            _check_key_and_type(o, bases)
+        _check_ranges(bases, values)
 
 
 _MISSING = object()

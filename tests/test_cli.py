@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import re
+import shutil
+import subprocess
+import sys
+
 import mlflow
 import pytest
+from omegaconf import DictConfig, OmegaConf
 
+from kdpipe.cli import CONFIG_PATH
 from kdpipe.config import validate
 from kdpipe.errors import ConfigError
-from tests.conftest import FAST, make_cfg, run_cli
+from kdpipe.limits import check_config
+from kdpipe.overrides import check
+from tests.conftest import FAST, REPO, make_cfg, run_cli
 
 
 def test_help_lists_config_groups_and_their_options(tmp_path):
@@ -54,6 +63,93 @@ def test_bad_input_fails_fast_with_one_clear_line_and_nonzero_exit(tmp_path, arg
     assert message in res.stderr
     assert "Traceback" not in res.stderr
     assert not (tmp_path / "mlflow.db").exists(), "nothing may start before the config is validated"
+
+
+# Values that need no model: refused by `kdpipe.overrides.check` before torch is imported.
+OUT_OF_RANGE = [
+    (["distill.temperature=-1"], "distill.temperature=-1 must be > 0"),
+    (["distill.temperature=nan"], "distill.temperature=nan must be a finite number"),
+    (["distill.alpha=1.5"], "distill.alpha=1.5 must lie in [0, 1]"),
+    (["prune.sparsity=1.5"], "prune.sparsity=1.5 must lie in [0, 1)"),
+    (["-m", "distill.temperature=2,4,inf"], "distill.temperature=inf must be a finite number"),
+    (["-m", "distill=kd,dml", "distill.peers=1"], "distill.peers=1 must be >= 2"),
+    (["distill=fitnet", "distill.hint_weight=-0.5"], "distill.hint_weight=-0.5 must be >= 0"),
+    (["quantize.calibration.num_batches=0"], "quantize.calibration.num_batches=0 must be >= 1"),
+    (["prune=agp", "prune.schedule.end_epoch=9"], "agp needs start_epoch < end_epoch <= prune.finetune.epochs"),
+    (["trainer.max_epochs=0"], "trainer.max_epochs=0 must be >= 1"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), OUT_OF_RANGE, ids=[" ".join(a) for a, _ in OUT_OF_RANGE])
+def test_a_value_out_of_range_is_refused_when_the_command_line_is_checked(args, message):
+    with pytest.raises(ConfigError, match=re.escape(message)) as err:
+        check(args, CONFIG_PATH)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(("args", "key"), [
+    (["distill.temperature=-1"], "distill.temperature=-1"),
+    (["distill.temperature=nan"], "distill.temperature=nan"),
+    (["-m", "prune.sparsity=0.5,1.5"], "prune.sparsity=1.5"),
+], ids=["negative-T", "nan-T", "swept-sparsity"])
+def test_a_bad_value_exits_2_with_one_line_naming_the_key_and_starts_nothing(tmp_path, args, key):
+    res = run_cli(args, tmp_path, {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"})
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [res.stderr.strip()], res.stderr
+    assert res.stderr.startswith(f"kdpipe: error: {key} ")
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "outputs").exists()
+
+
+def test_the_command_line_check_imports_no_torch_lightning_or_mlflow():
+    code = ("import sys\n"
+            "from kdpipe.cli import CONFIG_PATH\n"
+            "from kdpipe.errors import ConfigError\n"
+            "from kdpipe.overrides import check\n"
+            "check(['-m', 'distill=kd,dkd', 'distill.temperature=1,4', 'prune=agp'], CONFIG_PATH)\n"
+            "try:\n"
+            "    check(['distill.temperature=-1'], CONFIG_PATH)\n"
+            "except ConfigError:\n"
+            "    pass\n"
+            "heavy = ('torch', 'lightning', 'pytorch_lightning', 'mlflow', 'pandas', 'kdpipe.config')\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy or m in heavy))\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"
+
+
+def test_every_swept_value_of_an_experiment_file_is_checked_and_the_command_line_wins(tmp_path):
+    conf = shutil.copytree(CONFIG_PATH, tmp_path / "conf")
+    (conf / "experiment" / "bad_ladder.yaml").write_text(
+        "# @package _global_\nhydra:\n  sweeper:\n    params:\n      prune.sparsity: 0.5,0.95,1.0\n"
+        "      quantize: none,dynamic\n")
+    with pytest.raises(ConfigError, match=r"prune.sparsity=1.0 must lie in \[0, 1\)"):
+        check(["-m", "experiment=bad_ladder"], str(conf))
+    check(["-m", "experiment=bad_ladder", "prune.sparsity=0.5,0.9"], str(conf))
+    check(["-m", "experiment=compression_ladder"], CONFIG_PATH)
+
+
+def _terms_layout(**distill) -> DictConfig:
+    """The distill layout of `name`, `terms: {name: {_target_, weight, ...}}` and `scheme`."""
+    base = {"name": "kd", "temperature": 4.0, "alpha": 0.9,
+            "terms": {"ce": {"_target_": "kdpipe.losses.CrossEntropy", "weight": 0.1},
+                      "kd": {"_target_": "kdpipe.losses.SoftTargetKL", "weight": 0.9,
+                             "temperature": "${distill.temperature}"}},
+            "scheme": {"_target_": "kdpipe.distill.Offline"}}
+    return OmegaConf.create({"distill": OmegaConf.merge(base, distill)})
+
+
+@pytest.mark.parametrize(("distill", "message"), [
+    ({"terms": {"kd": {"weight": -1}}}, "distill.terms.kd.weight=-1 must be >= 0"),
+    ({"temperature": 0}, "distill.temperature=0 must be > 0"),  # the key set, not the term reading it
+    ({"terms": {"kd": {"temperature": float("inf")}}}, "distill.terms.kd.temperature=inf must be a finite"),
+    ({"scheme": {"temperature": -3}}, "distill.scheme.temperature=-3 must be > 0"),
+    ({"alpha": 2}, "distill.alpha=2 must lie in [0, 1]"),
+], ids=["term-weight", "temperature", "term-temperature", "scheme-temperature", "alpha"])
+def test_distill_ranges_hold_for_the_terms_and_scheme_layout(distill, message):
+    check_config(_terms_layout())
+    with pytest.raises(ConfigError) as err:
+        check_config(_terms_layout(**distill))
+    assert str(err.value).startswith(message)
 
 
 def test_temperature_multirun_trains_one_teacher_and_reuses_it(tmp_path):

@@ -21,12 +21,13 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
+from omegaconf import open_dict
 
 from kdpipe.cli import CONFIG_PATH
 from kdpipe.config import validate
 from kdpipe.pipeline import run_pipeline
 from kdpipe.report.cli import main as report_main
-from kdpipe.report.sweep import build_report, pareto_front
+from kdpipe.report.sweep import METRICS, build_report, pareto_front, summarise
 from kdpipe.tracking.naming import SWEEP_ENV, run_name
 from tests.conftest import FAST, REPO, make_cfg, run_cli
 
@@ -140,6 +141,58 @@ def test_run_name_is_built_from_the_scheme_temperature_alpha_pruning_and_quantiz
     assert run_name(cfg) == "kd-T4-a0.9-mag50-int8"
     assert run_name(make_cfg(["distill=none", "prune=none", "quantize=none", "seed=2"]), ["seed=2"]) == "none-s2"
     assert run_name(cfg, ["student=mlp", "optim.lr=0.1", "eval.latency_iters=5"]) == "kd-T4-a0.9-mag50-int8-mlp-lr0.1"
+
+
+def test_run_name_abbreviates_paths_and_uris_and_shows_the_seed_once():
+    cfg = make_cfg(["distill=none", "prune=none", "quantize=none"])
+    run_id = "41418de295fb4c1a9e0d7c2b5a6f8e11"
+    overrides = ["seed=0", "data=fashion_mnist", f"teacher.checkpoint=runs\\:/{run_id}/model/model.pt",
+                 "trainer.max_epochs=15", "data.seed=0"]
+    assert run_name(cfg, overrides) == "none-s0-fashion_mnist-t-ckpt-41418de2-ep15"
+    assert run_name(cfg, ["teacher.checkpoint=/ckpts/resnet_best.pt"]) == "none-t-ckpt-resnet_best"
+    assert run_name(cfg, ["teacher.checkpoint=models:/teacher/3"]) == "none-t-ckpt-teacher-3"
+    assert run_name(cfg, ["data.root=/data/fmnist/"]) == "none-root-fmnist"
+
+
+def test_run_name_starts_with_distill_name_or_a_scheme_given_by_name():
+    terms = make_cfg(["prune=none", "quantize=none"])
+    with open_dict(terms):
+        terms.distill.name = "dkd"
+        terms.distill.scheme = {"_target_": "kdpipe.distill.Offline"}
+    assert run_name(terms) == "dkd-T4-a0.9"
+    with open_dict(terms):
+        del terms.distill["name"]
+    assert run_name(terms) == "offline-T4-a0.9"
+
+
+def _runs_table(configs: list[dict[str, str]], seeds: int = 2) -> pd.DataFrame:
+    """Pipeline runs as `load_runs` returns them: `params.<key>` strings and metrics."""
+    rows = []
+    for i, params in enumerate(configs):
+        for seed in range(seeds):
+            rows.append({"run_id": f"{i}-{seed}", "run_name": f"run{i}-s{seed}", "params.seed": str(seed),
+                         **{f"params.{k}": v for k, v in params.items()}, "test/acc": 0.5 + 0.1 * seed})
+    table = pd.DataFrame(rows)
+    for m in METRICS:
+        table[m] = table.get(m, float("nan"))
+    return table
+
+
+def test_sweep_summary_labels_each_group_by_the_values_that_define_it():
+    schemes = summarise(_runs_table([
+        {"distill.scheme": "none"},
+        {"distill.scheme": "kd", "distill.temperature": "4.0", "distill.alpha": "0.9",
+         "distill.loss._target_": "kdpipe.losses.HintonKD"},
+        {"distill.scheme": "dkd", "distill.temperature": "4.0", "distill.alpha": "1.0", "distill.beta": "8.0",
+         "distill.loss._target_": "kdpipe.losses.DecoupledKD"}]))
+    assert sorted(schemes["config"]) == ["distill=dkd", "distill=kd", "distill=none"]
+    assert list(schemes["runs"]) == [2, 2, 2]
+    temperatures = summarise(_runs_table([{"distill.temperature": t, "distill.loss.temperature": t}
+                                          for t in ("2.0", "4.0", "16.0")]))
+    assert list(temperatures["config"]) == ["T=2", "T=4", "T=16"]
+    grid = summarise(_runs_table([{"prune.sparsity": sp, "quantize.mode": q, "quantize.per_channel": pc}
+                                  for sp in ("0.5", "0.9") for q, pc in (("none", None), ("dynamic", "False"))], 1))
+    assert set(grid["config"]) == {f"quantize={q}, sparsity={sp}" for sp in ("0.5", "0.9") for q in ("none", "dynamic")}
 
 
 def test_experiments_and_the_slurm_launcher_compose():

@@ -34,6 +34,10 @@ METRICS = ["test/acc", "test/ece", "model/params", "model/nonzero_params", "mode
 _NOT_CONFIG = {"seed", "run_name", "tracking.uri", "tracking.experiment", "tracking.artifact_location",
                "optimized_metric", "reuse"}
 TEMPERATURE = "distill.temperature"
+# A group is labelled by the keys that define it; these read as the option they name
+# (`distill.scheme=kd` -> `distill=kd`), and these are abbreviated.
+_OPTION_LEAVES = ("name", "scheme", "method", "mode", "_target_")
+_ABBREVIATIONS = {TEMPERATURE: "T", "distill.alpha": "alpha"}
 
 
 @dataclass
@@ -86,9 +90,49 @@ def varying_params(runs: pd.DataFrame) -> list[str]:
     return [c[len("params."):] for c in cols if c in chosen]
 
 
+def defining_keys(summary: pd.DataFrame, keys: Sequence[str]) -> list[str]:
+    """The fewest of `keys` whose values tell the rows of `summary` apart, keys that name a config
+    option (`distill.scheme`) first, then the shortest: the others follow from them (the scheme
+    decides `distill.beta`; `distill.loss.temperature` copies `distill.temperature`)."""
+    ranked = sorted(keys, key=lambda k: (not _names_option(k), k.count("."), keys.index(k)))
+    chosen: list[str] = []
+
+    def distinct(cols: list[str]) -> int:
+        return len(summary[cols].astype(str).drop_duplicates()) if cols else 1
+
+    for key in ranked:
+        if distinct(chosen) == len(summary):
+            break
+        if distinct([*chosen, key]) > distinct(chosen):
+            chosen.append(key)
+    return chosen
+
+
+def _names_option(key: str) -> bool:
+    return "." in key and key.rsplit(".", 1)[1] in _OPTION_LEAVES
+
+
+def group_label(row: pd.Series, keys: Sequence[str]) -> str:
+    """`distill=kd`, `T=4`, `quantize=dynamic, sparsity=0.5`: the values that define a group."""
+    leaves = [k.rsplit(".", 1)[-1] for k in keys]
+    parts = []
+    for key, leaf in zip(keys, leaves, strict=True):
+        value = row[key]
+        if pd.isna(value) or str(value) == "None":
+            continue
+        if _names_option(key):  # `distill.scheme=kd` -> `distill=kd`, `student.model._target_=...mlp` -> `student.model=mlp`
+            name, value = key.rsplit(".", 1)[0], str(value).rsplit(".", 1)[-1] if leaf == "_target_" else value
+        else:
+            name = _ABBREVIATIONS.get(key) or (leaf if leaves.count(leaf) == 1 else key)
+        number = pd.to_numeric(pd.Series([value]), errors="coerce")[0]
+        parts.append(f"{name}={number:g}" if pd.notna(number) else f"{name}={value}")
+    return ", ".join(parts) or "defaults"
+
+
 def summarise(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per configuration (runs equal in every param but the seed): the number of seeds,
-    and mean and std of each metric over them."""
+    """One row per configuration (runs equal in every param but the seed), labelled `config` by
+    the values that define it (`distill=kd`, `T=4`): the number of seeds, and mean and std of
+    each metric over them."""
     keys = [k for k in varying_params(runs) if k not in _NOT_CONFIG]
     cols = [f"params.{k}" for k in keys]
     metrics = [m for m in METRICS if m in runs and runs[m].notna().any()]
@@ -100,13 +144,15 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
     for _, grp in groups:
         row = {k: grp[f"params.{k}"].iloc[0] for k in keys}
         row["runs"] = len(grp)
-        row["run_names"] = " ".join(str(n) for n in grp["run_name"])
         for m in metrics:
             row[f"{m} mean"] = grp[m].mean()
             row[f"{m} std"] = grp[m].std(ddof=1) if len(grp) > 1 else 0.0
         rows.append(row)
     summary = pd.DataFrame(rows)
-    return summary.sort_values([c for c in keys if c in summary] or ["runs"], key=_numeric_key).reset_index(drop=True)
+    summary = summary.sort_values([c for c in keys if c in summary] or ["runs"], key=_numeric_key).reset_index(drop=True)
+    defining = defining_keys(summary, keys)
+    summary.insert(0, "config", [group_label(r, defining) for _, r in summary.iterrows()] if keys else "all runs")
+    return summary
 
 
 def _numeric_key(col: pd.Series) -> pd.Series:
@@ -156,7 +202,7 @@ def plot_temperature(summary: pd.DataFrame, path: Path) -> Path | None:
     data["_T"] = data[TEMPERATURE].astype(float)
     others = []
     for c in summary.columns:
-        if c in (TEMPERATURE, "_T", "runs", "run_names") or c.endswith((" mean", " std")) or data[c].nunique() < 2:
+        if c in (TEMPERATURE, "_T", "runs", "config") or c.endswith((" mean", " std")) or data[c].nunique() < 2:
             continue
         if (data.groupby("_T")[c].nunique() <= 1).all() and data[c].nunique() == data["_T"].nunique():
             continue  # a copy of T (an interpolation such as distill.loss.temperature)
@@ -207,7 +253,7 @@ def plot_pareto(summary: pd.DataFrame, cost: str, xlabel: str, path: Path) -> Pa
                 capsize=2, label="configurations")
     ax.plot([x[i] for i in front], [y[i] for i in front], "-s", color="tab:red", label="Pareto front")
     for i in front:
-        ax.annotate(str(data["run_names"][i]).split(" ")[0], (x[i], y[i]), fontsize=7,
+        ax.annotate(str(data["config"][i]), (x[i], y[i]), fontsize=7,
                     textcoords="offset points", xytext=(4, 4))
     return _save(fig, ax, xlabel, f"Accuracy against {xlabel.split(' (')[0]}", path)
 
@@ -221,9 +267,11 @@ def build_report(experiment: str, sweep: str | None, folder: Path, log: bool = T
     report = SweepReport(folder, runs=runs, summary=summary)
     shown = ["run_name", *[f"params.{k}" for k in varying_params(runs)], *[m for m in METRICS if runs[m].notna().any()]]
     table = runs[shown].rename(columns=lambda c: c[len("params."):] if c.startswith("params.") else c)
-    for name, df, std in (("runs", table, False), ("summary", summary, True)):
+    # summary.md names each configuration by its label; summary.csv also has every varying key
+    labelled = summary[[c for c in summary.columns if c in ("config", "runs") or c.endswith((" mean", " std"))]]
+    for name, df, md, std in (("runs", table, table, False), ("summary", summary, labelled, True)):
         df.to_csv(folder / f"{name}.csv", index=False)
-        (folder / f"{name}.md").write_text(_markdown(df, std))
+        (folder / f"{name}.md").write_text(_markdown(md, std))
         report.files += [folder / f"{name}.csv", folder / f"{name}.md"]
     for made in (plot_temperature(summary, folder / "acc_vs_temperature.png"),
                  plot_pareto(summary, "model/size_bytes", "size of the model file (bytes)", folder / "acc_vs_size.png"),

@@ -8,7 +8,9 @@ and the tag `kdpipe.sweep` holds one value for every run of one multirun, so one
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
+from pathlib import PurePosixPath
 
 from omegaconf import DictConfig
 
@@ -23,18 +25,57 @@ _SILENT_PREFIXES = ("eval.", "tracking", "hydra", "experiment", "hparams_search"
                     "trainer.devices", "trainer.deterministic")
 # Keys the core of the name already shows.
 _SHOWN = ("distill", "prune", "quantize", "seed")
-_SHORT = {"max_epochs": "ep", "width": "w", "lr": "lr", "weight_decay": "wd", "teacher": "t-"}
+_SHORT = {"max_epochs": "ep", "width": "w", "lr": "lr", "weight_decay": "wd", "teacher": "t-", "checkpoint": "ckpt"}
+# Hydra's escape of a special character in an override value: `runs\:/...` is `runs:/...`.
+_ESCAPED = re.compile(r"\\(.)")
 
 
 def _num(value: float) -> str:
     return f"{float(value):g}"
 
 
+def short_ref(value: str) -> str | None:
+    """A path or URI as a short, stable word, else None: the first 8 characters of an MLflow run
+    id (`runs:/41418de2.../model/model.pt` -> `41418de2`), a registered model's name and version
+    (`models:/teacher/3` -> `teacher-3`), else the file stem (`/ckpts/resnet_best.pt` ->
+    `resnet_best`)."""
+    if not ("/" in value or "://" in value):
+        return None
+    if value.startswith("runs:/"):
+        return value[len("runs:/"):].lstrip("/").split("/")[0][:8]
+    if value.startswith("models:/"):
+        return "-".join(value[len("models:/"):].strip("/").split("/")[:2])
+    return PurePosixPath(value.split("://", 1)[-1].rstrip("/")).stem or value
+
+
+def scheme_name(distill: DictConfig) -> str:
+    """`distill.name` (`kd`), else the scheme's class (`Offline` -> `offline`)."""
+    if distill.get("name") is not None:
+        return str(distill.name)
+    return str(OmegaConf.select(distill, "scheme._target_", default="distill")).rsplit(".", 1)[-1].lower()
+
+
+def _override_part(key: str, value: str) -> str | None:
+    """`student=mlp` -> `mlp`, `optim.lr=0.1` -> `lr0.1`, `teacher.model.width=8` -> `t-w8`,
+    `teacher.checkpoint=runs:/<id>/...` -> `t-ckpt-<id[:8]>`; None for a key the name leaves out."""
+    if key.startswith(_SILENT_PREFIXES) or key.split(".")[0].split("/")[0] in _SHOWN:
+        return None
+    leaf = key.rsplit(".", 1)[-1]
+    if leaf == "seed":  # data.seed and the like: the run's seed is shown once, as -s<seed>
+        return None
+    ref = short_ref(value)
+    if "." not in key:  # a config group choice: `student=mlp` -> `mlp`
+        return f"{_SHORT.get(key, '')}{ref or value}"
+    mark = "t-" if key.startswith("teacher.") else ""
+    return f"{mark}{_SHORT.get(leaf, leaf)}{'-' + ref if ref else value}"
+
+
 def run_name(cfg: DictConfig, overrides: Sequence[str] = ()) -> str:
     """`<scheme>[-T<t>-a<alpha>][-<prune><pct>][-int8[-<mode>]][-s<seed>]` plus the other
-    overridden keys (`-mlp`, `-lr0.1`), so runs of one sweep differ by name where they differ."""
+    overridden keys (`-mlp`, `-lr0.1`, `-t-ckpt-41418de2`), so runs of one sweep differ by name
+    where they differ."""
     distill = cfg.distill
-    parts = [str(distill.get("name", "kd"))]
+    parts = [scheme_name(distill)]
     if distill.get("terms"):
         if distill.get("temperature") is not None:
             parts.append(f"T{_num(distill.temperature)}")
@@ -46,19 +87,10 @@ def run_name(cfg: DictConfig, overrides: Sequence[str] = ()) -> str:
     mode = cfg.quantize.get("mode", "none")
     if mode != "none":
         parts.append("int8" if mode == "static" else f"int8-{mode}")  # static is the default mode
-    keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
-    if "seed" in keys or int(cfg.get("seed", 0)) != 0:
+    items = [_ESCAPED.sub(r"\1", o.lstrip("+~")).partition("=") for o in overrides]
+    if any(key == "seed" for key, _, _ in items) or int(cfg.get("seed", 0)) != 0:
         parts.append(f"s{cfg.seed}")
-    for item in overrides:
-        key, _, value = item.lstrip("+~").partition("=")
-        if key.startswith(_SILENT_PREFIXES) or key.split(".")[0].split("/")[0] in _SHOWN:
-            continue
-        leaf = key.rsplit(".", 1)[-1]
-        if "." not in key:  # a config group choice: `student=mlp` -> `mlp`
-            parts.append(f"{_SHORT.get(key, '')}{value}")
-        else:  # `optim.lr=0.1` -> `lr0.1`; a teacher key is marked: `teacher.model.width=8` -> `t-w8`
-            mark = "t-" if key.startswith("teacher.") else ""
-            parts.append(f"{mark}{_SHORT.get(leaf, leaf)}{value}")
+    parts += [part for key, _, value in items if (part := _override_part(key, value)) is not None]
     return "-".join(parts)
 
 
