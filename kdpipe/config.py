@@ -42,7 +42,6 @@ def validate(cfg: DictConfig) -> None:
     in_shape = (int(data.channels), int(data.height), int(data.width))
     num_classes = int(data.num_classes)
 
-    distill = cfg.distill
     check_config(cfg)  # the ranges, also checked on the command line before this module is imported
     check_compression(cfg)
 

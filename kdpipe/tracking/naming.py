@@ -12,7 +12,7 @@ import re
 from collections.abc import Sequence
 from pathlib import PurePosixPath
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 SWEEP_TAG = "kdpipe.sweep"
 # Set by the Hydra callback at the start of a multirun, so every job (local, joblib, SLURM)
