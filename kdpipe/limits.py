@@ -103,7 +103,7 @@ RANGES: dict[str, Callable[[Any, str], Any]] = {
     "distill.*.temperature": temperature,
     "distill.alpha": alpha,
     "distill.*weight": weight,  # distill.terms.<name>.weight, distill.hint_weight, ...
-    "distill.peers": partial(whole_number, hint="mutual learning needs a cohort", minimum=2),
+    "distill.scheme.peers": partial(whole_number, hint="mutual learning needs a cohort", minimum=2),
     "distill.*generations": partial(positive_int, hint="born-again generations, e.g. 2"),
     "*max_epochs": partial(positive_int, hint="training epochs"),
     "prune.sparsity": sparsity,
