@@ -67,3 +67,19 @@ def positive_int(value: Any, key: str, hint: str) -> int:
     if n != int(n) or n < 1:
         raise ConfigError(f"{key}={value} must be a whole number >= 1 ({hint})")
     return int(n)
+
+
+def non_negative(value: Any, key: str, hint: str) -> float:
+    """A finite number >= 0 (a point in a schedule, in epochs)."""
+    n = _number(value, key, hint)
+    if n < 0:
+        raise ConfigError(f"{key}={value} must be >= 0 ({hint})")
+    return n
+
+
+def count(value: Any, key: str, hint: str) -> int:
+    """A whole number >= 0 (epochs where 0 means none)."""
+    n = non_negative(value, key, hint)
+    if n != int(n):
+        raise ConfigError(f"{key}={value} must be a whole number >= 0 ({hint})")
+    return int(n)
