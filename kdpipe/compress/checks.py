@@ -3,47 +3,74 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
-from omegaconf import DictConfig
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, ListConfig
+from torch import nn
 
+from kdpipe import limits
 from kdpipe.compress.quantize import CALIBRATION_METHODS, CompressionWarning
-from kdpipe.compress.schedules import SCHEDULES
-from kdpipe.compress.structured import IMPORTANCE
+from kdpipe.compress.save import STORAGES
 from kdpipe.errors import ConfigError
 
+# Optimizer steps an epoch when asking a schedule how many cuts it makes: the most it could make.
+_FINE_GRAINED = 10_000
 
-def check_prune(prune: DictConfig) -> None:
-    method = str(prune.get("method", "none"))
-    if method == "none":
+
+def build(node: Any, key: str, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate(node, **kwargs)`, its failure turned into one `ConfigError` line
+    naming the config key (Hydra wraps the class's own error in a multi-line exception)."""
+    try:
+        return instantiate(node, **kwargs)
+    except Exception as exc:
+        cause = exc
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        if isinstance(cause, ConfigError):
+            raise ConfigError(str(cause)) from exc
+        target = node.get("_target_") if hasattr(node, "get") else node
+        raise ConfigError(f"{key} cannot be built from {target}: {' '.join(str(cause).split())}") from exc
+
+
+def _processes(trainer: DictConfig | None) -> int:
+    """Training processes a trainer config asks for (1 when it cannot say: devices=auto)."""
+    if trainer is None:
+        return 1
+    devices = trainer.get("devices", 1)
+    if isinstance(devices, (list, ListConfig)):
+        n = len(devices)
+    else:
+        n = int(devices) if str(devices).isdigit() else 1
+    return n * int(trainer.get("num_nodes", 1) or 1)
+
+
+def check_prune(prune: DictConfig, trainer: DictConfig | None = None, model: nn.Module | None = None,
+                example: torch.Tensor | None = None) -> None:
+    """Build the schedule (its range checks run) and the pruner, on `model` when given (a fresh
+    student: `ignore` paths and the scope are checked too); refuse what cannot run, warn on a big
+    one-shot cut."""
+    if prune.get("pruner") is None:  # prune=none
         return
-    if method not in ("magnitude", "structured"):
-        raise ConfigError(f"prune.method={method} is not known; use prune=magnitude, prune=structured or prune=none")
-    if prune.get("scope", "global") not in ("global", "layer"):
-        raise ConfigError(f"prune.scope={prune.scope} must be global (rank all layers together) or layer")
-    sched = prune.get("schedule") or {}
-    name = str(sched.get("name", "one_shot"))
-    if name not in SCHEDULES:
-        raise ConfigError(f"prune.schedule.name={name} is not known; use one of {', '.join(SCHEDULES)}")
-    if name == "iterative" and int(sched.get("steps", 1)) < 1:
-        raise ConfigError(f"prune.schedule.steps={sched.steps} must be >= 1 (e.g. 5)")
-    if name == "agp":
-        if method == "structured":
-            raise ConfigError("prune.schedule.name=agp prunes masks during training and works with "
-                              "prune=magnitude; for structured pruning use prune.schedule.name=iterative")
-        if not 0.0 <= float(sched.initial_sparsity) <= float(prune.sparsity):
-            raise ConfigError(f"prune.schedule.initial_sparsity={sched.initial_sparsity} must lie in "
-                              f"[0, prune.sparsity={prune.sparsity}]")
-        if float(sched.end_epoch) <= float(sched.start_epoch) or float(sched.end_epoch) > int(prune.finetune.epochs):
-            raise ConfigError(f"prune.schedule: agp needs start_epoch < end_epoch <= prune.finetune.epochs "
-                              f"(got {sched.start_epoch}, {sched.end_epoch}, {prune.finetune.epochs})")
-    if method == "structured" and str(prune.get("importance", "magnitude")) not in IMPORTANCE:
-        raise ConfigError(f"prune.importance={prune.importance} is not known; use one of {', '.join(IMPORTANCE)}")
+    sparsity = limits.sparsity(prune.sparsity)
+    if prune.get("storage", "dense") not in STORAGES:
+        raise ConfigError(f"prune.storage={prune.storage} must be sparse (bitmask + non-zero values) or dense")
+    schedule = build(prune.schedule, "prune.schedule")
+    if model is not None:
+        pruner = build(prune.pruner, "prune.pruner", model=model, example_inputs=example)
+    else:  # the class and its importance are imported and built all the same
+        pruner = build(prune.pruner, "prune.pruner", _partial_=True).func
+    if getattr(pruner, "structural", False) and _processes(trainer) > 1:
+        raise ConfigError(f"{prune.pruner._target_} removes channels during the fine-tuning fit, which a "
+                          f"distributed run cannot follow; prune on one device (trainer.devices=1) or use "
+                          f"prune=magnitude")
     limit = float(prune.get("one_shot_warn_above", 0.5))
-    if name == "one_shot" and float(prune.sparsity) > limit:
+    if len(schedule.points(_FINE_GRAINED)) == 1 and sparsity > limit:
         warnings.warn(
             f"a one-shot cut of prune.sparsity={prune.sparsity} (> {limit}) often loses accuracy that "
-            f"fine-tuning does not recover; consider prune.schedule.name=iterative (e.g. prune=iterative) "
-            f"or prune.schedule.name=agp", CompressionWarning, stacklevel=2)
+            f"fine-tuning does not recover; consider prune/schedule=iterative (e.g. prune=iterative) "
+            f"or prune/schedule=agp", CompressionWarning, stacklevel=2)
 
 
 def check_quantize(quantize: DictConfig) -> None:
@@ -64,6 +91,17 @@ def check_quantize(quantize: DictConfig) -> None:
                           f"training; use quantize=static for no training")
 
 
+def _student(cfg: DictConfig) -> tuple[nn.Module | None, torch.Tensor | None]:
+    """A fresh student and an example batch, to build the pruner on (None when the student
+    cannot be built: kdpipe.config.validate says why)."""
+    data = cfg.get("data")
+    try:
+        model = instantiate(cfg.student.model)
+        return model, torch.zeros(2, int(data.channels), int(data.height), int(data.width))
+    except Exception:
+        return None, None
+
+
 def check_compression(cfg: DictConfig) -> None:
-    check_prune(cfg.prune)
+    check_prune(cfg.prune, cfg.get("trainer"), *_student(cfg))
     check_quantize(cfg.quantize)
