@@ -5,13 +5,13 @@ class ConfigError(ValueError):
     """A config value that makes no sense; the message says what is wrong and how to fix it."""
 
 
-def build(node, key: str):
-    """`hydra.utils.instantiate(node)`, with a `ConfigError` raised by the class itself passed on
-    as one line naming the config key (Hydra wraps it in a multi-line InstantiationException)."""
+def build(node, key: str, **kwargs):
+    """`hydra.utils.instantiate(node, **kwargs)`, with a `ConfigError` raised by the class itself
+    passed on as one line naming the config key (Hydra wraps it in a multi-line exception)."""
     from hydra.utils import instantiate
 
     try:
-        return instantiate(node)
+        return instantiate(node, **kwargs)
     except Exception as exc:
         cause = exc
         while cause.__cause__ is not None:
@@ -19,4 +19,4 @@ def build(node, key: str):
         if isinstance(cause, ConfigError):
             raise ConfigError(f"{key}: {cause}") from exc
         target = node.get("_target_") if hasattr(node, "get") else node
-        raise ConfigError(f"{key} cannot be built from {target}: {cause}") from exc
+        raise ConfigError(f"{key} cannot be built from {target}: {' '.join(str(cause).split())}") from exc

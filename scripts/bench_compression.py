@@ -58,7 +58,7 @@ def rung_overrides(rung: list[str], args: argparse.Namespace) -> list[str]:
     by `--finetune-epochs` of fine-tuning; static int8 calibrated on 16 training batches."""
     extra = []
     if "prune=structured" in rung:
-        extra += ["prune.sparsity=0.5", "prune.schedule.name=iterative", f"prune.schedule.steps={args.prune_steps}",
+        extra += ["prune.sparsity=0.5", "prune/schedule=iterative", f"prune.schedule.steps={args.prune_steps}",
                   f"prune.finetune.epochs={args.finetune_epochs}"]
     if "quantize=static" in rung:
         extra += ["quantize.calibration.num_batches=16"]

@@ -52,7 +52,8 @@ def test_a_value_of_the_wrong_type_is_refused_with_the_key_and_its_default(args,
     ["student.model.num_classes=${data.num_classes}"],
     ["data=cifar10", "data.root=/somewhere", "data.limit_train=100"],
     ["-m", "distill.temperature=interval(1,16)"],  # a sweeper samples it: not enumerated here
-    ["-m", "prune=magnitude,structured", "prune.importance=taylor"],  # a key of the second option only
+    ["-m", "prune=magnitude,structured", "prune.pruner.global_pruning=true"],  # a key of the second option only
+    ["prune=structured", "prune/schedule=agp", "prune/importance=taylor", "prune.schedule.frequency=5"],
 ])
 def test_valid_overrides_pass(args):
     check(args, CONFIG_PATH)

@@ -1,41 +1,60 @@
-"""Config checks for `prune=` and `quantize=`, run before any training (kdpipe.config.validate); the
-numeric ranges (sparsity, steps, agp bounds, calibration batches, QAT epochs) are in kdpipe.limits."""
+"""Config checks for `prune=` and `quantize=`, run before any training (kdpipe.config.validate)."""
 
 from __future__ import annotations
 
 import warnings
 
-from omegaconf import DictConfig
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, ListConfig
+from torch import nn
 
+from kdpipe import limits
 from kdpipe.compress.quantize import CALIBRATION_METHODS, CompressionWarning
-from kdpipe.compress.schedules import SCHEDULES
-from kdpipe.compress.structured import IMPORTANCE
-from kdpipe.errors import ConfigError
+from kdpipe.compress.save import STORAGES
+from kdpipe.errors import ConfigError, build
+
+# Optimizer steps an epoch when asking a schedule how many cuts it makes: the most it could make.
+_FINE_GRAINED = 10_000
 
 
-def check_prune(prune: DictConfig) -> None:
-    method = str(prune.get("method", "none"))
-    if method == "none":
+def _processes(trainer: DictConfig | None) -> int:
+    """Training processes a trainer config asks for (1 when it cannot say: devices=auto)."""
+    if trainer is None:
+        return 1
+    devices = trainer.get("devices", 1)
+    if isinstance(devices, (list, ListConfig)):
+        n = len(devices)
+    else:
+        n = int(devices) if str(devices).isdigit() else 1
+    return n * int(trainer.get("num_nodes", 1) or 1)
+
+
+def check_prune(prune: DictConfig, trainer: DictConfig | None = None, model: nn.Module | None = None,
+                example: torch.Tensor | None = None) -> None:
+    """Build the schedule (its range checks run) and the pruner, on `model` when given (a fresh
+    student: `ignore` paths and the scope are checked too); refuse what cannot run, warn on a big
+    one-shot cut."""
+    if prune.get("pruner") is None:  # prune=none
         return
-    if method not in ("magnitude", "structured"):
-        raise ConfigError(f"prune.method={method} is not known; use prune=magnitude, prune=structured or prune=none")
-    if prune.get("scope", "global") not in ("global", "layer"):
-        raise ConfigError(f"prune.scope={prune.scope} must be global (rank all layers together) or layer")
-    sched = prune.get("schedule") or {}
-    name = str(sched.get("name", "one_shot"))
-    if name not in SCHEDULES:
-        raise ConfigError(f"prune.schedule.name={name} is not known; use one of {', '.join(SCHEDULES)}")
-    if name == "agp" and method == "structured":
-        raise ConfigError("prune.schedule.name=agp prunes masks during training and works with "
-                          "prune=magnitude; for structured pruning use prune.schedule.name=iterative")
-    if method == "structured" and str(prune.get("importance", "magnitude")) not in IMPORTANCE:
-        raise ConfigError(f"prune.importance={prune.importance} is not known; use one of {', '.join(IMPORTANCE)}")
+    sparsity = limits.sparsity(prune.sparsity)
+    if prune.get("storage", "dense") not in STORAGES:
+        raise ConfigError(f"prune.storage={prune.storage} must be sparse (bitmask + non-zero values) or dense")
+    schedule = build(prune.schedule, "prune.schedule")
+    if model is not None:
+        pruner = build(prune.pruner, "prune.pruner", model=model, example_inputs=example)
+    else:  # the class and its importance are imported and built all the same
+        pruner = build(prune.pruner, "prune.pruner", _partial_=True).func
+    if getattr(pruner, "structural", False) and _processes(trainer) > 1:
+        raise ConfigError(f"{prune.pruner._target_} removes channels during the fine-tuning fit, which a "
+                          f"distributed run cannot follow; prune on one device (trainer.devices=1) or use "
+                          f"prune=magnitude")
     limit = float(prune.get("one_shot_warn_above", 0.5))
-    if name == "one_shot" and float(prune.sparsity) > limit:
+    if len(schedule.points(_FINE_GRAINED)) == 1 and sparsity > limit:
         warnings.warn(
             f"a one-shot cut of prune.sparsity={prune.sparsity} (> {limit}) often loses accuracy that "
-            f"fine-tuning does not recover; consider prune.schedule.name=iterative (e.g. prune=iterative) "
-            f"or prune.schedule.name=agp", CompressionWarning, stacklevel=2)
+            f"fine-tuning does not recover; consider prune/schedule=iterative (e.g. prune=iterative) "
+            f"or prune/schedule=agp", CompressionWarning, stacklevel=2)
 
 
 def check_quantize(quantize: DictConfig) -> None:
@@ -45,11 +64,28 @@ def check_quantize(quantize: DictConfig) -> None:
     if mode not in ("static", "qat"):
         raise ConfigError(f"quantize.mode={mode} is not known; use quantize=dynamic, static, qat or none")
     cal = quantize.calibration
+    if int(cal.num_batches) < 1:
+        raise ConfigError(f"quantize.calibration.num_batches={cal.num_batches}: {mode} quantization needs "
+                          f"calibration data to set activation ranges; give at least 1 batch (e.g. 8)")
     if str(cal.method) not in CALIBRATION_METHODS:
         raise ConfigError(f"quantize.calibration.method={cal.method} is not known; use one of "
                           f"{', '.join(CALIBRATION_METHODS)}")
+    if mode == "qat" and int(quantize.epochs) < 1:
+        raise ConfigError(f"quantize.epochs={quantize.epochs}: QAT needs at least 1 epoch of fake-quant "
+                          f"training; use quantize=static for no training")
+
+
+def _student(cfg: DictConfig) -> tuple[nn.Module | None, torch.Tensor | None]:
+    """A fresh student and an example batch, to build the pruner on (None when the student
+    cannot be built: kdpipe.config.validate says why)."""
+    data = cfg.get("data")
+    try:
+        model = instantiate(cfg.student.model)
+        return model, torch.zeros(2, int(data.channels), int(data.height), int(data.width))
+    except Exception:
+        return None, None
 
 
 def check_compression(cfg: DictConfig) -> None:
-    check_prune(cfg.prune)
+    check_prune(cfg.prune, cfg.get("trainer"), *_student(cfg))
     check_quantize(cfg.quantize)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.nn.utils import prune
 
+from kdpipe.errors import ConfigError
+
 PRUNABLE = (nn.Conv2d, nn.Linear, nn.Conv1d)
+SCOPES = ("global", "layer")
 
 
 def prunable_weights(model: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -37,7 +41,31 @@ def magnitude_prune(model: nn.Module, amount: float, scope: str = "global") -> N
             extra = round(amount * getattr(module, name).numel()) - _masked_zeros(module, name)
             prune.l1_unstructured(module, name, amount=max(int(extra), 0))
     else:
-        raise ValueError(f"prune.scope={scope!r}; use global or layer")
+        raise ValueError(f"scope={scope!r}; use global or layer")
+
+
+class MagnitudePruner:
+    """`magnitude_prune` as a pruner: `step(target)` masks the smallest |w| (Han et al. 2015)
+    until exactly `target` of the conv/linear weights are zero, over all layers or per layer
+    (`scope`). The masks stay on while fine-tuning and the optimizer's parameters stay the same
+    (not `structural`); `finalize` folds them in. `example_inputs`, part of every pruner's
+    constructor, is unused here."""
+
+    structural = False
+
+    def __init__(self, model: nn.Module, example_inputs: torch.Tensor | None = None, scope: str = "global") -> None:
+        if scope not in SCOPES:
+            raise ConfigError(f"prune.pruner.scope={scope} must be global (rank all layers together) or layer")
+        self.model, self.scope = model, scope
+
+    def step(self, target: float) -> None:
+        magnitude_prune(self.model, target, self.scope)
+
+    def sparsity(self) -> float:
+        return sparsity(self.model)
+
+    def finalize(self) -> None:
+        make_permanent(self.model)
 
 
 def make_permanent(model: nn.Module) -> None:

@@ -6,23 +6,16 @@ and every layer tied to them through a residual addition, so the pruned network 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
-# Importance criteria, by config name: how a group of coupled channels is scored.
-IMPORTANCE: dict[str, Callable[[], object]] = {
-    # L1 norm of the filters (Li et al. 2017, "Pruning Filters for Efficient ConvNets", sec. 3.1)
-    "magnitude": lambda: tp.importance.GroupMagnitudeImportance(p=1),
-    # first-order Taylor estimate of the loss change |w * dL/dw| (Molchanov et al. 2019, eq. 8)
-    "taylor": lambda: tp.importance.GroupTaylorImportance(),
-    # distance to the geometric median of the layer's filters (He et al. 2019, "FPGM", eq. 4)
-    "fpgm": lambda: tp.importance.FPGMImportance(),
-    # batch-norm scale |gamma| (Liu et al. 2017, "Network Slimming")
-    "bn_scale": lambda: tp.importance.BNScaleImportance(),
-}
+from kdpipe.compress.importance import Magnitude, needs_gradients
+from kdpipe.compress.prune import PRUNABLE
+from kdpipe.errors import ConfigError
 
 # Module attributes that describe a layer's width, rebuilt from the saved weights' shapes.
 _WIDTH_ATTRS = {
@@ -34,49 +27,82 @@ _WIDTH_ATTRS = {
 def output_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
     """Paths of the layers whose outputs are the logits (the classifier): never pruned, or the
     model would predict fewer classes."""
+    was_training = model.training
     with torch.no_grad():
         n_out = model.eval()(example[:1]).shape[-1]
+    model.train(was_training)
     linears = [(p, m) for p, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features == n_out]
     return [linears[-1][0]] if linears else []
 
 
-class StructuredPruner:
-    """Steps a Torch-Pruning `MetaPruner` through a list of channel-pruning ratios (one per
-    step of a schedule), each relative to the original width of every layer."""
+def accumulate_gradients(model: nn.Module, batches: Iterable, num_batches: int) -> None:
+    """Sum cross-entropy gradients over the first `num_batches` (x, y, ...) batches into `.grad`,
+    in eval mode so batch-norm statistics do not move: what Taylor importance reads."""
+    was_training = model.training
+    device = next(model.parameters()).device
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        for i, batch in enumerate(batches):
+            if i >= num_batches:
+                break
+            F.cross_entropy(model(batch[0].to(device)), batch[1].to(device)).backward()
+    model.train(was_training)
 
-    def __init__(self, model: nn.Module, example: torch.Tensor, targets: Sequence[float],
-                 importance: str = "magnitude", ignore: Sequence[str] | None = None,
-                 global_pruning: bool = False, grad_batches: Callable[[], None] | None = None) -> None:
-        if importance not in IMPORTANCE:
-            raise ValueError(f"prune.importance={importance!r}; use one of {', '.join(IMPORTANCE)}")
+
+class StructuredPruner:
+    """Removes whole channels, for real, with Torch-Pruning's dependency graph (DepGraph).
+
+    `step(target)` prunes every prunable layer (each on its own, or ranked together with
+    `global_pruning`) to `target` of its original channels removed; a lower target than reached
+    removes nothing. The parameters are replaced by smaller ones, so the pruner is `structural`:
+    whoever trains the model must rebuild its optimizer after a step (`PruningCallback` does).
+    `ignore`: module paths never pruned (default: the classifier). `importance`: how channels
+    are scored (`kdpipe.compress.importance`); one that `needs_gradients` reads `.grad`, which
+    `accumulate_gradients` fills from `gradient_batches` training batches before each step.
+    """
+
+    structural = True
+
+    def __init__(self, model: nn.Module, example_inputs: torch.Tensor, importance: object | None = None,
+                 ignore: Sequence[str] | None = None, global_pruning: bool = False, gradient_batches: int = 4) -> None:
+        importance = Magnitude() if importance is None else importance
+        was_training = model.training  # tracing the graph leaves the model in eval mode
         modules = dict(model.named_modules())
-        paths = list(ignore) if ignore else output_layers(model, example)
+        paths = list(ignore) if ignore else output_layers(model, example_inputs)
         unknown = [p for p in paths if p not in modules]
         if unknown:
-            raise ValueError(f"prune.ignore names no layer {unknown}; valid module paths: "
-                             f"{', '.join(n for n in modules if n)}")
-        self.model, self.example, self.ignored = model, example[:1], paths
-        self.importance_name = importance
-        self.grad_batches = grad_batches
-        targets = [float(t) for t in targets]
-        self.pruner = tp.pruner.MetaPruner(
-            model, self.example, importance=IMPORTANCE[importance](), global_pruning=global_pruning,
-            pruning_ratio=targets[-1], iterative_steps=len(targets),
-            iterative_pruning_ratio_scheduler=lambda _ratio, _steps: [0.0, *targets],
-            ignored_layers=[modules[p] for p in paths],
-        )
+            raise ConfigError(f"prune.pruner.ignore names no layer {unknown}; valid module paths: "
+                              f"{', '.join(n for n in modules if n)}")
+        self.model, self.ignored = model, paths
+        self.gradient_batches = int(gradient_batches) if needs_gradients(importance) else 0
+        self._pruner = tp.pruner.MetaPruner(
+            model, example_inputs[:1], importance=importance, global_pruning=global_pruning,
+            pruning_ratio=0.0, iterative_steps=1, ignored_layers=[modules[p] for p in paths])
+        model.train(was_training)
+        self._initial = self._widths()
 
-    def step(self) -> None:
-        """Remove the channels of the next step. Taylor importance needs gradients: they are
-        accumulated on a few training batches first."""
-        self.model.eval()
-        if self.importance_name == "taylor":
-            self.model.zero_grad()
-            if self.grad_batches is None:
-                raise ValueError("prune.importance=taylor needs training batches for gradients")
-            self.grad_batches()
-        self.pruner.step()
-        self.model.zero_grad(set_to_none=True)
+    def _widths(self) -> dict[str, int]:
+        """Output channels of every conv/linear layer that may be pruned."""
+        return {path: m.weight.shape[0] for path, m in self.model.named_modules()
+                if isinstance(m, PRUNABLE) and not any(path == p or path.startswith(p + ".") for p in self.ignored)}
+
+    def step(self, target: float) -> None:
+        if self.gradient_batches and all(p.grad is None for p in self.model.parameters()):
+            raise ValueError("this importance criterion reads loss gradients and the model has none: call "
+                             "kdpipe.compress.structured.accumulate_gradients first (PruningCallback does), "
+                             "or fine-tune for at least one epoch")
+        self._pruner.per_step_pruning_ratio = [0.0, float(target)]  # Torch-Pruning's ratio of step 1
+        self._pruner.reset()
+        self._pruner.step()
+
+    def sparsity(self) -> float:
+        """The fraction of the prunable layers' original output channels removed."""
+        now = self._widths()
+        return 1.0 - sum(now.values()) / max(sum(self._initial.values()), 1)
+
+    def finalize(self) -> None:
+        """Nothing to fold: the channels are gone."""
 
 
 def resize_to_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Module:
