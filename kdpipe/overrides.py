@@ -123,15 +123,18 @@ def _given(override: Override) -> list[Any]:
     return list(override.sweep_iterator()) if override.is_discrete_sweep() else [override.value()]
 
 
-def _compose_variants(config_name: str, groups: list[Override], hydra: bool = False) -> list[DictConfig]:
+def _compose_variants(config_name: str, groups: list[Override], hydra: bool = False,
+                      searchpath: Sequence[str] = ()) -> list[DictConfig]:
     """One config per option of a swept group, the other groups at their first option: a key is
-    unknown only if no option has it, and is typed by the first option that has it."""
-    first = [single_value(o) for o in groups]
+    unknown only if no option has it, and is typed by the first option that has it. `searchpath`:
+    the `hydra.searchpath=[...]` overrides, so a user's own config folders are composed too."""
+    first = [*searchpath, *(single_value(o) for o in groups)]
     variants = [first]
     for i, o in enumerate(groups):
         if o.is_discrete_sweep():
             for option in list(o.sweep_string_iterator())[1:]:
-                variants.append([*first[:i], f"{o.get_key_element()}={option}", *first[i + 1:]])
+                j = i + len(searchpath)
+                variants.append([*first[:j], f"{o.get_key_element()}={option}", *first[j + 1:]])
     try:
         return [compose(config_name, overrides=v, return_hydra_config=hydra) for v in variants]
     except (HydraException, ValueError) as exc:  # ValueError: a group given a number (`optim=3`)
@@ -202,7 +205,8 @@ def check(args: Sequence[str], config_path: str, config_name: str = "config") ->
     with init:
         repo = GlobalHydra.instance().config_loader().repository
         groups, values = _split(overrides, repo)
-        bases = _compose_variants(config_name, groups, hydra=multirun)
+        searchpath = [a for a in args if a.startswith("hydra.searchpath=")]
+        bases = _compose_variants(config_name, groups, hydra=multirun, searchpath=searchpath)
         if multirun:  # the sweep of an experiment file; the command line wins, as in Hydra's sweeper
             given = {o.key_or_group for o in overrides}
             params = OmegaConf.select(bases[0], "hydra.sweeper.params") or {}
@@ -211,7 +215,7 @@ def check(args: Sequence[str], config_path: str, config_name: str = "config") ->
             values += more_values
             if more_groups:
                 groups += more_groups
-                bases = _compose_variants(config_name, groups)
+                bases = _compose_variants(config_name, groups, searchpath=searchpath)
             for b in bases:
                 with open_dict(b):
                     b.pop("hydra", None)

@@ -126,7 +126,7 @@ class Fitter:
                     trainer.fit(module, train_dataloaders=train_loader,
                                 val_dataloaders=self.datamodule.val_dataloader(), ckpt_path=ckpt, weights_only=True)
         except FloatingPointError as exc:  # a diverged loss: say which stage, keep the term and epoch
-            raise FloatingPointError(f"stage {self.stage} ({name}): {exc}") from exc
+            raise FloatingPointError(f"stage {self.stage}, fit {name}: {exc}") from exc
         return trainer
 
 

@@ -41,6 +41,7 @@ def run_sweep(extra: list[str], epochs: int, data: str) -> tuple[float, float, l
     with tempfile.TemporaryDirectory(prefix="kdpipe-bench-") as tmp:
         uri = f"sqlite:///{tmp}/mlflow.db"
         env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "KDPIPE_LOCK_DIR": f"{tmp}/locks",
+               "KDPIPE_CHECKPOINT_DIR": f"{tmp}/checkpoints",  # never resume another run's fit
                "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         env.pop("KDPIPE_SWEEP", None)
         cmd = [sys.executable, "-m", "kdpipe", "-m", "experiment=temperature_sweep", f"data={data}",
@@ -61,7 +62,8 @@ def seconds(run) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--data", default="digits")
@@ -82,7 +84,8 @@ def main() -> None:
         results[name] = {"wall": wall, "cpu": cpu, "pipelines": sum(seconds(p) for p in pipelines),
                          "teachers_trained": len(trained), "runs": runs,
                          "teacher_s": sum(seconds(t) for t in trained)}
-        print(f"{name:22s} wall {wall:7.1f} s   CPU {cpu:7.1f} s   sum of pipeline runs {results[name]['pipelines']:7.1f} s   "
+        print(f"{name:22s} wall {wall:7.1f} s   CPU {cpu:7.1f} s   "
+              f"sum of pipeline runs {results[name]['pipelines']:7.1f} s   "
               f"teachers trained {len(trained)} ({results[name]['teacher_s']:.1f} s)", flush=True)
 
     seq = results["sequential + reuse"]
@@ -92,7 +95,8 @@ def main() -> None:
     ideal = seq["teacher_s"] + sum(by_stage.get("distill", [])) + sum(by_stage.get("evaluate", []))
     print(f"\nideal (1 teacher {seq['teacher_s']:.1f} s + 4 students {sum(by_stage['distill']):.1f} s "
           f"+ 4 evaluations {sum(by_stage['evaluate']):.1f} s) = {ideal:.1f} s")
-    print(f"sweep with reuse / ideal (sum of pipeline runs):   {seq['pipelines'] / ideal:.2f}x  (target <= 1.1x)")
+    print(f"sweep with reuse / ideal (sum of pipeline runs):   {seq['pipelines'] / ideal:.2f}x  "
+          f"(target <= 1.1x)")
     print(f"sweep with reuse / ideal (wall, incl. start-up):   {seq['wall'] / ideal:.2f}x")
     no_reuse = results["sequential, no reuse"]
     print(f"no reuse / reuse (wall):                           {no_reuse['wall'] / seq['wall']:.2f}x")

@@ -10,8 +10,9 @@ Results and their reading: docs/distillation.md, "Pitfalls, measured".
 
 from __future__ import annotations
 
+import argparse
+import functools
 import logging
-import sys
 import time
 import warnings
 
@@ -19,9 +20,24 @@ import pytorch_lightning as pl
 import torch
 
 from kdpipe.data import DigitsDataModule
-from kdpipe.losses import HintonKD
+from kdpipe.losses import WeightedSum
 from kdpipe.models import cnn
 from kdpipe.modules import ClassifierModule, DistillationModule
+from kdpipe.training import Optim
+
+
+def optim(lr: float) -> Optim:
+    """What `optim=adamw` (the default) builds: AdamW, weight decay 5e-4, cosine annealing over each fit."""
+    return Optim(functools.partial(torch.optim.AdamW, lr=lr, weight_decay=5e-4),
+                 functools.partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=None))
+
+
+def kd_loss(temperature: float, alpha: float) -> WeightedSum:
+    """`distill=kd`'s terms (conf/base/offline.yaml): CE at weight 1 - alpha, the softened KL at alpha."""
+    return WeightedSum.from_config({
+        "ce": {"_target_": "kdpipe.losses.CrossEntropy", "weight": 1.0 - alpha},
+        "kd": {"_target_": "kdpipe.losses.SoftTargetKL", "weight": alpha, "temperature": temperature},
+    })
 
 
 def fit(module, dm, epochs: int) -> float:
@@ -39,14 +55,15 @@ def main(specs: list[str]) -> None:
     dm.setup("fit")
     pl.seed_everything(0, verbose=False)
     teacher = cnn((1, 8, 8), 10, width=32, depth=3)
-    print("teacher test acc", fit(ClassifierModule(teacher, 10, lr=0.01, weight_decay=5e-4), dm, 10), flush=True)
+    print("teacher test acc", fit(ClassifierModule(teacher, 10, optim(0.01)), dm, 10), flush=True)
     teacher.eval()
     with torch.no_grad():
         x, y = dm.train_set.tensors
         z = teacher(x)
         print("teacher train acc", (z.argmax(-1) == y).float().mean().item())
         for T in (1, 2, 4):
-            print(f"T={T}: mean max softened probability {(z / T).softmax(-1).max(-1).values.mean().item():.4f}")
+            confidence = (z / T).softmax(-1).max(-1).values.mean().item()
+            print(f"T={T}: mean max softened probability {confidence:.4f}")
     for spec in specs:
         width, depth, epochs, lr, T, alpha, seed = spec.split(",")
         pl.seed_everything(int(seed), verbose=False)
@@ -54,14 +71,18 @@ def main(specs: list[str]) -> None:
         n = sum(p.numel() for p in student.parameters())
         t0 = time.time()
         if float(alpha) < 0:
-            module = ClassifierModule(student, 10, lr=float(lr), weight_decay=5e-4)
+            module = ClassifierModule(student, 10, optim(float(lr)))
         else:
-            module = DistillationModule(student, teacher, HintonKD(float(T), float(alpha)), 10, dm.example_input(2),
-                                        lr=float(lr), weight_decay=5e-4)
+            module = DistillationModule(student, teacher, kd_loss(float(T), float(alpha)), 10,
+                                        dm.example_input(2), optim(float(lr)))
         acc = fit(module, dm, int(epochs))
         print(f"w={width} d={depth} params={n} epochs={epochs} lr={lr} T={T} alpha={alpha} seed={seed} "
               f"test acc={acc:.4f} ({time.time() - t0:.1f}s)", flush=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("specs", nargs="+", metavar="SPEC",
+                        help="one student run: width,depth,epochs,lr,T,alpha,seed (alpha < 0: scratch)")
+    main(parser.parse_args().specs)

@@ -22,10 +22,11 @@ from tests.conftest import FAST, REPO, make_cfg, run_cli
 def test_help_lists_config_groups_and_their_options(tmp_path):
     res = run_cli(["--help"], tmp_path)
     assert res.returncode == 0
-    for group in ("data", "teacher", "student", "distill", "prune", "quantize", "trainer", "tracking"):
+    for group in ("data", "teacher", "student", "distill", "prune", "quantize", "optim", "callbacks", "trainer",
+                  "tracking"):
         assert f"{group}:" in res.stdout
     distill_line = next(line for line in res.stdout.splitlines() if line.strip().startswith("distill:"))
-    for option in ("kd", "dkd", "fitnet", "attention", "rkd", "sp", "dml", "self", "none"):
+    for option in ("kd", "dkd", "fitnet", "attention", "rkd", "sp", "dml", "born_again", "deep_to_shallow", "none"):
         assert option in distill_line.replace(",", " ").split(), option
 
 
@@ -72,8 +73,9 @@ OUT_OF_RANGE = [
     (["distill.alpha=1.5"], "distill.alpha=1.5 must lie in [0, 1]"),
     (["prune.sparsity=1.5"], "prune.sparsity=1.5 must lie in [0, 1)"),
     (["-m", "distill.temperature=2,4,inf"], "distill.temperature=inf must be a finite number"),
-    (["-m", "distill=kd,dml", "distill.peers=1"], "distill.peers=1 must be >= 2"),
-    (["distill=fitnet", "distill.hint_weight=-0.5"], "distill.hint_weight=-0.5 must be >= 0"),
+    (["-m", "distill=kd,dml", "distill.scheme.peers=1"], "distill.scheme.peers=1 must be >= 2"),
+    (["distill=fitnet", "distill.terms.hint.weight=-0.5"], "distill.terms.hint.weight=-0.5 must be >= 0"),
+    (["distill=kd", "distill.terms.kd.temperature=inf"], "distill.terms.kd.temperature=inf must be a finite"),
     (["quantize.calibration.num_batches=0"], "quantize.calibration.num_batches=0 must be >= 1"),
     (["prune=agp", "prune.schedule.end_epoch=9"], "agp needs start_epoch < end_epoch <= prune.finetune.epochs"),
     (["trainer.max_epochs=0"], "trainer.max_epochs=0 must be >= 1"),

@@ -190,7 +190,7 @@ def test_capacity_gap_message_names_the_chain_option():
     (["distill=dml", "distill.scheme.peers=1"], "distill.scheme.peers=1 must be >= 2"),
     (["distill=deep_to_shallow", "distill.scheme.exit_layers=[nope]"], "has no layer 'nope'"),
     (["distill=kd", "distill.scheme._target_=builtins.dict"], "has no train\\(job\\) method"),
-    (["distill=kd", "distill.terms.kd.temperature=-2"], "distill.terms.kd: distill.temperature=-2 must be > 0"),
+    (["distill=kd", "distill.terms.kd.temperature=-2"], "distill.terms.kd.temperature=-2 must be > 0"),
 ])
 def test_bad_scheme_config_fails_before_training_with_a_fix(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):

@@ -99,17 +99,35 @@ def test_a_users_term_model_and_callback_run_through_the_cli(tmp_path):
     assert len(lines) == 2  # the callback ran on the teacher's fit and on the student's
 
 
-def test_a_users_training_regime_runs_by_its_import_path(tmp_path):
+STUDENT_OPTION = textwrap.dedent('''
+    # a user's own option of the student group, in a config folder of their own
+    defaults:
+      - /base/student@_here_
+      - _self_
+    model:
+      _target_: my_ext.tiny_mlp
+      in_shape: ['${data.channels}', '${data.height}', '${data.width}']
+      num_classes: ${data.num_classes}
+      hidden: 12
+''')
+
+
+def test_a_users_training_regime_and_config_folder_run_by_name(tmp_path):
     (tmp_path / "my_ext.py").write_text(USER_MODULE)
+    (tmp_path / "my_conf" / "student").mkdir(parents=True)
+    (tmp_path / "my_conf" / "student" / "tiny.yaml").write_text(STUDENT_OPTION)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = [*FAST, "prune=none", "quantize=none", "teacher=none", "distill=none",
-            "distill.scheme._target_=my_ext.TwoStudents", "distill.name=two"]
-    args = [a for a in args if not a.startswith("teacher.model.width")]
+            "distill.scheme._target_=my_ext.TwoStudents", "distill.name=two",
+            f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]", "student=tiny"]
+    args = [a for a in args if not a.startswith(("teacher.model.width", "student.model.width"))]
     proc = run_cli(args, cwd=tmp_path, env_extra={"PYTHONPATH": str(tmp_path), "MLFLOW_TRACKING_URI": uri})
     assert proc.returncode == 0, proc.stderr[-3000:]
     mlflow.set_tracking_uri(uri)
     runs = _runs()
     distill = next(r for r in runs if r.data.tags.get("kdpipe.stage") == "distill")
     assert distill.data.metrics["test/acc"] > 0.25
+    assert distill.data.metrics["model/params"] == 8 * 8 * 12 + 12 + 12 * 4 + 4  # the user's option
+    assert len(MlflowClient().get_metric_history(distill.info.run_id, "val/acc")) == 2  # two candidates fitted
     parent = next(r for r in runs if r.data.tags.get("kdpipe.run_type") == "pipeline")
     assert parent.info.run_name.startswith("two")

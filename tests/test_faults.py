@@ -154,7 +154,7 @@ def test_a_fit_after_the_first_resumes_where_it_was_killed(store, tmp_path, args
 
 def test_a_diverging_loss_stops_the_stage_naming_term_and_epoch_and_marks_it_failed(store, tmp_path):
     cfg = make_cfg(["optim.lr=1e30", "teacher.max_epochs=2", "prune=none", "quantize=none"])
-    with pytest.raises(FloatingPointError, match=r"stage teacher: loss term\(s\) ce became (nan|inf) at epoch \d"):
+    with pytest.raises(FloatingPointError, match=r"stage teacher, fit teacher: loss term\(s\) ce became (nan|inf) at epoch \d"):
         run_pipeline(cfg, tmp_path / "out")
     while mlflow.active_run():
         mlflow.end_run()

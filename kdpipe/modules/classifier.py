@@ -56,9 +56,8 @@ class ClassifierModule(pl.LightningModule):
             )
         bs = x.shape[0]
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True)
-        if len(terms) > 1:
-            for name, value in terms.items():
-                self.log(f"train/loss_{name}", value, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
+        for name, value in terms.items():  # every term its own curve, also a single one
+            self.log(f"train/loss_{name}", value, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:

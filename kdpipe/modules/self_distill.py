@@ -54,7 +54,7 @@ class SelfDistillationModule(ClassifierModule):
                  augment: nn.Module | None = None) -> None:
         super().__init__(model, num_classes, optim, augment)
         self.exit_layers, self.feature_layer = as_layers(exit_layers), feature_layer
-        shapes = probe_shapes(model, (*self.exit_layers, feature_layer), example_input, "student (distill.exit_layers)")
+        shapes = probe_shapes(model, (*self.exit_layers, feature_layer), example_input, "student (distill.scheme.exit_layers)")
         feature_dim = int(shapes[feature_layer][1:].numel())
         self.exits = nn.ModuleList(AuxiliaryExit(shapes[p], feature_dim, num_classes) for p in self.exit_layers)
         self.hooks = FeatureHooks(model, (*self.exit_layers, feature_layer), "student")

@@ -57,7 +57,15 @@ def scheme_name(distill: DictConfig) -> str:
 
 def _override_part(key: str, value: str) -> str | None:
     """`student=mlp` -> `mlp`, `optim.lr=0.1` -> `lr0.1`, `teacher.model.width=8` -> `t-w8`,
-    `teacher.checkpoint=runs:/<id>/...` -> `t-ckpt-<id[:8]>`; None for a key the name leaves out."""
+    `teacher.checkpoint=runs:/<id>/...` -> `t-ckpt-<id[:8]>`; a loss term or scheme key:
+    `distill.terms.nckd.weight=4` -> `nckd4`, `+distill.terms.hint={...}` -> `hint`,
+    `distill.scheme.peers=3` -> `peers3`; None for a key the name leaves out."""
+    path = key.split(".")
+    if path[0] == "distill" and len(path) >= 3 and path[1] in ("terms", "scheme"):
+        if path[1] == "terms" and len(path) == 3:  # a term added or replaced whole
+            return path[2]
+        leaf = path[2] if path[1] == "terms" and path[-1] == "weight" else path[-1]
+        return leaf if value.startswith(("[", "{")) else f"{leaf}{value}"
     if key.startswith(_SILENT_PREFIXES) or key.split(".")[0].split("/")[0] in _SHOWN:
         return None
     leaf = key.rsplit(".", 1)[-1]
@@ -71,7 +79,7 @@ def _override_part(key: str, value: str) -> str | None:
 
 
 def run_name(cfg: DictConfig, overrides: Sequence[str] = ()) -> str:
-    """`<scheme>[-T<t>-a<alpha>][-<prune><pct>][-int8[-<mode>]][-s<seed>]` plus the other
+    """`<scheme>[-T<t>][-a<alpha>][-<prune><pct>][-int8[-<mode>]][-s<seed>]` plus the other
     overridden keys (`-mlp`, `-lr0.1`, `-t-ckpt-41418de2`), so runs of one sweep differ by name
     where they differ."""
     distill = cfg.distill
@@ -79,8 +87,8 @@ def run_name(cfg: DictConfig, overrides: Sequence[str] = ()) -> str:
     if distill.get("terms"):
         if distill.get("temperature") is not None:
             parts.append(f"T{_num(distill.temperature)}")
-        if distill.get("alpha") is not None:
-            parts.append(f"a{_num(distill.alpha)}")
+        if distill.get("alpha") is not None and OmegaConf.select(distill, "terms.kd.weight", default=0):
+            parts.append(f"a{_num(distill.alpha)}")  # only where the KD term is in the sum
     method = cfg.prune.get("method", "none")
     if method != "none":
         parts.append(f"{str(method)[:3]}{round(100 * float(cfg.prune.get('sparsity', 0.0)))}")
