@@ -31,7 +31,8 @@ def _check_output_size(role: str, cfg: DictConfig, in_shape: tuple[int, ...], nu
         out = model(torch.zeros(2, *in_shape))
     if out.dim() != 2 or out.shape[-1] != num_classes:
         raise ConfigError(
-            f"the {role} outputs {tuple(out.shape[1:])} values per sample but data.num_classes={num_classes}; "
+            f"the {role} outputs {tuple(out.shape[1:])} values per sample "
+            f"but data.num_classes={num_classes}; "
             f"set {role}.model.num_classes=${{data.num_classes}} (the default) or pick a matching model"
         )
 

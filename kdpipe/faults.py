@@ -118,7 +118,8 @@ def resume_checkpoint(root: str | os.PathLike, key: str) -> Path | None:
     return None
 
 
-def resume_from(root: str | os.PathLike, key: str, fit: str, max_epochs: int, interrupted: list[Run]) -> Path | None:
+def resume_from(root: str | os.PathLike, key: str, fit: str, max_epochs: int,
+                interrupted: list[Run]) -> Path | None:
     """The checkpoint a fit should resume from (None to start afresh). A fit that had finished
     before the kill is restored and trains no further; the one the kill interrupted tags the
     stage run with where it went on (`kdpipe.resumed_fit`, `kdpipe.resumed_epoch`,

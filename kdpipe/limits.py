@@ -145,7 +145,8 @@ def _agp_bounds(cfg: DictConfig) -> None:
     `prune.sparsity` between `start_epoch` and `end_epoch` of the fine-tuning."""
     prune = cfg.get("prune")
     sched = prune.get("schedule") if isinstance(prune, DictConfig) else None
-    if not isinstance(sched, DictConfig) or "agp" not in str(sched.get("name") or sched.get("_target_")).lower():
+    if (not isinstance(sched, DictConfig)
+            or "agp" not in str(sched.get("name") or sched.get("_target_")).lower()):
         return
     if "initial_sparsity" in sched and "sparsity" in prune and sched.initial_sparsity > prune.sparsity:
         raise ConfigError(f"prune.schedule.initial_sparsity={sched.initial_sparsity} must lie in "

@@ -112,7 +112,8 @@ def run_pipeline(cfg: DictConfig, workdir: Path) -> dict[str, float]:
         with tempfile.TemporaryDirectory() as tmp:
             for path in write_tables(rows, Path(tmp)):
                 mlflow.log_artifact(str(path), artifact_path="tables")
-            mlflow.log_artifact(str(accuracy_vs_size(rows, Path(tmp) / "accuracy_vs_size.png")), artifact_path="plots")
+            mlflow.log_artifact(str(accuracy_vs_size(rows, Path(tmp) / "accuracy_vs_size.png")),
+                                artifact_path="plots")
             if cfg.get("export", {}).get("onnx") and shipped.kind == "torch":
                 onnx_path = export_onnx(load_model(shipped.path), ctx.example_input, Path(tmp) / "model.onnx")
                 mlflow.log_artifact(str(onnx_path), artifact_path="model_onnx")

@@ -108,7 +108,8 @@ class Fitter:
         ckpt = ModelCheckpoint(dirpath=checkpoint_dir(self.checkpoint_root, self.checkpoint_key(name)),
                                save_last=True, save_top_k=1)  # top 1 = the newest epoch
         return pl.Trainer(**{**self.trainer_kwargs, "max_epochs": int(max_epochs)}, logger=logger,
-                          callbacks=[ckpt, *callbacks, *self.user_callbacks()], default_root_dir=str(self.workdir))
+                          callbacks=[ckpt, *callbacks, *self.user_callbacks()],
+                          default_root_dir=str(self.workdir))
 
     def fit(self, module: pl.LightningModule, name: str, max_epochs: int, callbacks: Sequence[Callback] = (),
             train_loader: DataLoader | None = None, resumable: bool = True) -> pl.Trainer:
@@ -124,7 +125,8 @@ class Fitter:
                     trainer.fit(module, datamodule=self.datamodule, ckpt_path=ckpt, weights_only=True)
                 else:
                     trainer.fit(module, train_dataloaders=train_loader,
-                                val_dataloaders=self.datamodule.val_dataloader(), ckpt_path=ckpt, weights_only=True)
+                                val_dataloaders=self.datamodule.val_dataloader(), ckpt_path=ckpt,
+                                weights_only=True)
         except FloatingPointError as exc:  # a diverged loss: say which stage, keep the term and epoch
             raise FloatingPointError(f"stage {self.stage}, fit {name}: {exc}") from exc
         return trainer

@@ -48,7 +48,8 @@ BAD_INPUTS = [
 def run(args: list[str], timeout: float) -> tuple[float, int | None, str]:
     """(wall seconds, exit code or None on timeout, first stderr line) of `python -m kdpipe args`."""
     with tempfile.TemporaryDirectory(prefix="kdpipe-bench-cli-") as tmp:
-        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db", "KDPIPE_LOCK_DIR": f"{tmp}/locks",
+        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db",
+               "KDPIPE_LOCK_DIR": f"{tmp}/locks",
                "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         start = time.perf_counter()
         try:
@@ -64,7 +65,8 @@ def run(args: list[str], timeout: float) -> tuple[float, int | None, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=5, help="runs per input (the median is reported)")
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds before an input counts as accepted")
+    parser.add_argument("--timeout", type=float, default=30.0,
+                        help="seconds before an input counts as accepted")
     opts = parser.parse_args(argv)
 
     rows, failed = [], []
@@ -83,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         median = statistics.median(walls)
         mark = "" if median < TARGET_S else " (over target)"
         shown = first if len(first) <= 100 else first[:97] + "..."
-        rows.append([what, f"`kdpipe {' '.join(args)}`", str(code), f"{median:.2f}{mark}", f"{min(walls):.2f}",
-                     shown.replace("|", "\\|")])
+        rows.append([what, f"`kdpipe {' '.join(args)}`", str(code), f"{median:.2f}{mark}",
+                     f"{min(walls):.2f}", shown.replace("|", "\\|")])
     print(f"Rejecting bad input, {opts.repeat} runs each, wall seconds (target < {TARGET_S:g} s; "
           f"a shared machine is noisy):\n")
     print(markdown_table(["input", "command", "exit", "median s", "min s", "first line on stderr"], rows))

@@ -58,7 +58,8 @@ def rung_overrides(rung: list[str], args: argparse.Namespace) -> list[str]:
     by `--finetune-epochs` of fine-tuning; static int8 calibrated on 16 training batches."""
     extra = []
     if "prune=structured" in rung:
-        extra += ["prune.sparsity=0.5", "prune/schedule=iterative", f"prune.schedule.steps={args.prune_steps}",
+        extra += ["prune.sparsity=0.5", "prune/schedule=iterative",
+                  f"prune.schedule.steps={args.prune_steps}",
                   f"prune.finetune.epochs={args.finetune_epochs}"]
     if "quantize=static" in rung:
         extra += ["quantize.calibration.num_batches=16"]
@@ -70,10 +71,12 @@ def shipped_onnx(run_id: str, dst: Path) -> Path:
     client = mlflow.tracking.MlflowClient()
     names = [a.path for a in client.list_artifacts(run_id)]
     folder = "model_onnx" if "model_onnx" in names else "model"  # MLflow may keep weights beside the graph
-    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=folder, dst_path=str(dst))) / "model.onnx"
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=folder,
+                                                    dst_path=str(dst))) / "model.onnx"
 
 
-def interleaved_latency(paths: dict[str, Path], example, rounds: int, iters: int) -> dict[str, dict[str, float]]:
+def interleaved_latency(paths: dict[str, Path], example, rounds: int,
+                        iters: int) -> dict[str, dict[str, float]]:
     """Median over `rounds` of each model's p50/p90, the models taking turns every round."""
     samples: dict[str, list[dict]] = {name: [] for name in paths}
     for _ in range(rounds):
@@ -84,8 +87,10 @@ def interleaved_latency(paths: dict[str, Path], example, rounds: int, iters: int
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=None, help="fashion_mnist | digits (default: Fashion-MNIST if installed)")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=None,
+                        help="fashion_mnist | digits (default: Fashion-MNIST if installed)")
     parser.add_argument("--student", default="cnn")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--finetune-epochs", type=int, default=2, help="after each structured pruning step")
@@ -115,7 +120,8 @@ def main() -> None:
     lat = interleaved_latency(onnx_paths, example, args.rounds, args.iters)
 
     ref, ref_lat = results["fp32 student"], lat["fp32 student"]["p50_ms"]
-    lines = ["| model | test acc | Δ acc (points) | bytes | × fp32 bytes | FLOPs | p50 ms (batch 1) | p90 ms | speed-up |",
+    lines = ["| model | test acc | Δ acc (points) | bytes | × fp32 bytes | FLOPs | p50 ms (batch 1) "
+             "| p90 ms | speed-up |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, m in results.items():
         lines.append(

@@ -51,7 +51,8 @@ def make_cfg(overrides: list[str]):
         return compose("config", overrides=[*FAST, *overrides])
 
 
-def run_cli(args: list[str], cwd: Path, env_extra: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], cwd: Path, env_extra: dict | None = None,
+            timeout: int = 300) -> subprocess.CompletedProcess:
     """Run the real `kdpipe` command (`python -m kdpipe`) in a subprocess."""
     env = {**os.environ, **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "kdpipe", *args], cwd=cwd, env=env, capture_output=True,

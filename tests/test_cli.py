@@ -22,11 +22,12 @@ from tests.conftest import FAST, REPO, make_cfg, run_cli
 def test_help_lists_config_groups_and_their_options(tmp_path):
     res = run_cli(["--help"], tmp_path)
     assert res.returncode == 0
-    for group in ("data", "teacher", "student", "distill", "prune", "quantize", "optim", "callbacks", "trainer",
-                  "tracking"):
+    for group in ("data", "teacher", "student", "distill", "prune", "quantize", "optim", "callbacks",
+                  "trainer", "tracking"):
         assert f"{group}:" in res.stdout
     distill_line = next(line for line in res.stdout.splitlines() if line.strip().startswith("distill:"))
-    for option in ("kd", "dkd", "fitnet", "attention", "rkd", "sp", "dml", "born_again", "deep_to_shallow", "none"):
+    for option in ("kd", "dkd", "fitnet", "attention", "rkd", "sp", "dml", "born_again", "deep_to_shallow",
+                   "none"):
         assert option in distill_line.replace(",", " ").split(), option
 
 
@@ -77,7 +78,8 @@ OUT_OF_RANGE = [
     (["distill=fitnet", "distill.terms.hint.weight=-0.5"], "distill.terms.hint.weight=-0.5 must be >= 0"),
     (["distill=kd", "distill.terms.kd.temperature=inf"], "distill.terms.kd.temperature=inf must be a finite"),
     (["quantize.calibration.num_batches=0"], "quantize.calibration.num_batches=0 must be >= 1"),
-    (["prune=agp", "prune.schedule.end_epoch=9"], "agp needs start_epoch < end_epoch <= prune.finetune.epochs"),
+    (["prune=agp", "prune.schedule.end_epoch=9"],
+     "agp needs start_epoch < end_epoch <= prune.finetune.epochs"),
     (["trainer.max_epochs=0"], "trainer.max_epochs=0 must be >= 1"),
 ]
 

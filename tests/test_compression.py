@@ -79,7 +79,8 @@ def test_sparse_storage_shrinks_the_file_and_loads_back_the_same_weights(tmp_pat
     make_permanent(model)
     dense_file = save_model(model, CNN_ARCH | {"width": 32}, tmp_path / "dense.pt")
     d, packed = pack_state_dict(model.state_dict())
-    sparse_file = save_model(model, CNN_ARCH | {"width": 32}, tmp_path / "sparse.pt", state_dict=d, sparse=packed)
+    sparse_file = save_model(model, CNN_ARCH | {"width": 32}, tmp_path / "sparse.pt", state_dict=d,
+                             sparse=packed)
     assert sparse_file.stat().st_size < 0.45 * dense_file.stat().st_size
     back = load_model(sparse_file)
     for name, t in model.state_dict().items():
@@ -132,9 +133,11 @@ def test_the_three_schedules_yield_their_documented_points():
     assert agp_sparsity(100, 0.0, 0.8, 0, 100) == 0.8
     assert agp_sparsity(50, 0.0, 0.8, 0, 100) == pytest.approx(0.8 * (1 - 0.5**3))
     agp = AGPSchedule(0.8, epochs=3, start_epoch=0.5, end_epoch=2, frequency=4)
-    points = agp.points(10)  # t0 = 5, end = 20: every 4 steps from t0 (t0 itself prunes nothing), then the end
+    # t0 = 5, end = 20: every 4 steps from t0 (t0 itself prunes nothing), then the end
+    points = agp.points(10)
     assert [p.step for p in points] == [9, 13, 17, 20]
-    assert [p.target for p in points] == pytest.approx([agp_sparsity(t, 0.0, 0.8, 5, 20) for t in (9, 13, 17, 20)])
+    assert [p.target for p in points] == pytest.approx([agp_sparsity(t, 0.0, 0.8, 5, 20)
+                                                        for t in (9, 13, 17, 20)])
     assert points[-1].target == 0.8
 
 
@@ -142,7 +145,8 @@ def test_the_three_schedules_yield_their_documented_points():
     (lambda model, x: MagnitudePruner(model, x), 1e-3),
     (lambda model, x: StructuredPruner(model, x), 0.07),  # whole channels of 8-32-wide layers
 ], ids=["magnitude", "structured"])
-def test_magnitude_and_structured_pruners_reach_each_scheduled_target_through_the_same_step(make_pruner, tolerance):
+def test_magnitude_and_structured_pruners_reach_each_scheduled_target_through_the_same_step(
+        make_pruner, tolerance):
     torch.manual_seed(0)
     model = cnn((1, 8, 8), 4, width=8, depth=3)
     pruner = make_pruner(model, torch.randn(2, 1, 8, 8))
@@ -168,7 +172,8 @@ def test_a_schedule_without_fine_tuning_applies_its_points_at_once():
     def finetune(callbacks, epochs):
         raise AssertionError("no fine-tuning fit for epochs=0")
 
-    metrics = prune_model(MagnitudePruner(model), IterativeSchedule(0.5, steps=2, epochs_per_step=0), finetune)
+    metrics = prune_model(MagnitudePruner(model), IterativeSchedule(0.5, steps=2, epochs_per_step=0),
+                          finetune)
     assert metrics["prune/sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert not any("mask" in n for n, _ in model.named_buffers()), "finalized"
 
@@ -190,7 +195,8 @@ class LabelClassifier(pl.LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=0.01)
-        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.epochs)}
+        return {"optimizer": opt,
+                "lr_scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.epochs)}
 
 
 class OptimizerWatch(Callback):
@@ -218,9 +224,9 @@ def test_structured_pruning_on_agp_removes_channels_while_training_and_rebuilds_
     fits = []
 
     def finetune(callbacks, epochs):
-        trainer = pl.Trainer(max_epochs=epochs, limit_train_batches=8, callbacks=[*callbacks, watch], logger=False,
-                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                             num_sanity_val_steps=0)
+        trainer = pl.Trainer(max_epochs=epochs, limit_train_batches=8, callbacks=[*callbacks, watch],
+                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, num_sanity_val_steps=0)
         trainer.fit(LabelClassifier(model.train(), epochs), datamodule=digits)
         fits.append(callbacks[0])
 
@@ -231,7 +237,8 @@ def test_structured_pruning_on_agp_removes_channels_while_training_and_rebuilds_
     assert params == sorted(params, reverse=True) and len(set(params)) == 4, "params fall at each point"
     assert all(ok for _, _, ok, _ in watch.seen), "the optimizer always holds the current parameters"
     rebuilt_at_epoch_1 = [lr for epoch, _, _, lr in watch.seen if epoch == 1][0]
-    assert rebuilt_at_epoch_1 == pytest.approx(0.005), "a rebuilt cosine schedule goes on where it was (lr / 2)"
+    assert rebuilt_at_epoch_1 == pytest.approx(0.005), (
+        "a rebuilt cosine schedule goes on where it was (lr / 2)")
     assert metrics["prune/sparsity"] == pytest.approx(0.5, abs=0.07)
     assert metrics["prune/params_removed"] == pytest.approx(1 - count_params(model)[0] / params0)
     assert metrics["prune/params_removed"] > 0.6
@@ -248,7 +255,8 @@ def fp32_cnn(tmp_path_factory):
     folder = tmp_path_factory.mktemp("quant")
     model = cnn((1, 8, 8), 4, width=8, depth=2).eval()
     data = TensorDataset(torch.randn(256, 1, 8, 8), torch.randint(0, 4, (256,)))
-    return model, export_onnx(model, torch.zeros(2, 1, 8, 8), folder / "fp32.onnx"), DataLoader(data, batch_size=32), folder
+    return (model, export_onnx(model, torch.zeros(2, 1, 8, 8), folder / "fp32.onnx"),
+            DataLoader(data, batch_size=32), folder)
 
 
 def test_static_quantization_calibrates_and_runs_int8_kernels(fp32_cnn):
@@ -295,8 +303,10 @@ def test_one_shot_cut_above_half_warns_and_suggests_iterative():
     (["quantize=static", "quantize.calibration.num_batches=0"], "needs calibration data"),
     (["quantize=static", "quantize.calibration.method=median"], "minmax, entropy, percentile"),
     (["prune.sparsity=1.5"], r"prune.sparsity=1.5 must lie in \[0, 1\)"),
-    (["prune=agp", "prune.schedule.end_epoch=5"], r"agp needs start_epoch < end_epoch <= prune.finetune.epochs"),
-    (["prune=agp", "prune.schedule.initial_sparsity=0.9"], r"initial_sparsity=0.9 must lie in \[0, prune.sparsity"),
+    (["prune=agp", "prune.schedule.end_epoch=5"],
+     r"agp needs start_epoch < end_epoch <= prune.finetune.epochs"),
+    (["prune=agp", "prune.schedule.initial_sparsity=0.9"],
+     r"initial_sparsity=0.9 must lie in \[0, prune.sparsity"),
     (["prune=iterative", "prune.schedule.steps=0"], "prune.schedule.steps=0 must be >= 1"),
     (["prune.pruner.scope=row"], "prune.pruner.scope=row must be global"),
     (["prune=structured", "prune.pruner.ignore=[head]"], r"prune.pruner.ignore names no layer \['head'\]"),
@@ -352,18 +362,21 @@ def test_structured_iterative_pruning_then_qat_int8_in_one_pipeline(shared_store
     assert [m.step for m in curve] == [1, 2], "the accuracy-vs-sparsity curve has one point per step"
     targets = [m.value for m in client.get_metric_history(stages["prune"].info.run_id, "prune/step_target")]
     assert targets == pytest.approx([1 - 0.5**0.5, 0.5])
-    assert [a.path for a in client.list_artifacts(stages["prune"].info.run_id, "model_plain")] == ["model_plain/model.pt2"]
+    assert ([a.path for a in client.list_artifacts(stages["prune"].info.run_id, "model_plain")]
+            == ["model_plain/model.pt2"])
     # QAT: trained with fake quantization (still distilling), then converted to real int8 kernels
     quant = stages["quantize"]
     assert client.get_metric_history(quant.info.run_id, "train/loss"), "QAT trained"
-    assert client.get_metric_history(quant.info.run_id, "train/loss_kd"), "QAT kept distilling from the teacher"
+    assert client.get_metric_history(quant.info.run_id, "train/loss_kd"), (
+        "QAT kept distilling from the teacher")
     int8 = mlflow.onnx.load_model(f"runs:/{parent.info.run_id}/model")
     assert "QLinearConv" in {n.op_type for n in int8.graph.node}
     q = quant.data.metrics
     assert q["quantize/calibration_samples"] == 128
     assert q["model/size_bytes"] < q["quantize/fp32_onnx_bytes"]
     assert q["test/acc"] > 0.25  # a real classifier on 4 classes, evaluated on int8 kernels
-    assert "plots/accuracy_vs_size.png" in [a.path for a in client.list_artifacts(parent.info.run_id, "plots")]
+    assert "plots/accuracy_vs_size.png" in [
+        a.path for a in client.list_artifacts(parent.info.run_id, "plots")]
 
 
 def test_gradual_magnitude_pruning_reaches_its_target_and_shrinks_the_file(shared_store):
@@ -377,9 +390,11 @@ def test_gradual_magnitude_pruning_reaches_its_target_and_shrinks_the_file(share
     values = [m.value for m in sorted(history, key=lambda m: m.step)]
     assert len(values) >= 3 and values == sorted(values) and values[-1] == pytest.approx(0.8)
     client = MlflowClient()
-    assert [a.path for a in client.list_artifacts(parent.info.run_id, "model_onnx")] == ["model_onnx/model.onnx"]
+    assert ([a.path for a in client.list_artifacts(parent.info.run_id, "model_onnx")]
+            == ["model_onnx/model.onnx"])
     table = mlflow.artifacts.load_text(f"runs:/{prune.info.run_id}/tables/layer_sparsity.csv").splitlines()
-    assert table[0] == "layer,shape,weights,zeros,sparsity" and len(table) == 1 + 4  # three convs + classifier
+    # three convs + classifier
+    assert table[0] == "layer,shape,weights,zeros,sparsity" and len(table) == 1 + 4
 
 
 def test_structured_agp_pruning_keeps_distilling_through_a_fitnet_adapter_rebuilt_for_the_pruned_student(
@@ -391,7 +406,8 @@ def test_structured_agp_pruning_keeps_distilling_through_a_fitnet_adapter_rebuil
     client = MlflowClient()
     assert prune.data.metrics["model/params"] < 0.6 * stages["distill"].data.metrics["model/params"]
     assert prune.data.metrics["prune/sparsity"] == pytest.approx(0.5, abs=0.07)
-    history = sorted(client.get_metric_history(prune.info.run_id, "prune/schedule_sparsity"), key=lambda m: m.step)
+    history = sorted(client.get_metric_history(prune.info.run_id, "prune/schedule_sparsity"),
+                     key=lambda m: m.step)
     values = [m.value for m in history]
     assert len(values) >= 3 and values == sorted(values) and values[-1] == pytest.approx(0.5)
     # the hint term kept training: its adapter was rebuilt from the pruned student's widths
@@ -421,7 +437,8 @@ class TwoCuts:
         self.sparsity, self.epochs = sparsity, epochs
 
     def points(self, steps_per_epoch):
-        return [PrunePoint(0, self.sparsity / 2), PrunePoint((self.epochs - 1) * steps_per_epoch, self.sparsity)]
+        return [PrunePoint(0, self.sparsity / 2),
+                PrunePoint((self.epochs - 1) * steps_per_epoch, self.sparsity)]
 '''
 
 
@@ -429,7 +446,8 @@ def test_a_users_own_importance_and_schedule_join_by_import_path(shared_store, t
     (tmp_path / "user_pruning.py").write_text(USER_PRUNING)
     monkeypatch.syspath_prepend(str(tmp_path))
     _, stages = _pipeline(shared_store, "user_classes", [
-        "prune=structured", "prune/importance=fpgm", "prune.importance._target_=user_pruning.LastChannelsFirst",
+        "prune=structured", "prune/importance=fpgm",
+        "prune.importance._target_=user_pruning.LastChannelsFirst",
         "prune.schedule._target_=user_pruning.TwoCuts", "quantize=none"])
     import user_pruning
 

@@ -11,7 +11,8 @@ from tests.conftest import run_cli
 
 
 def test_a_misspelled_key_fails_before_any_work_in_one_line_naming_it_and_the_right_one(tmp_path):
-    proc = run_cli(["distill.temprature=4", "data=synthetic"], cwd=tmp_path, env_extra={"MLFLOW_TRACKING_URI": ""})
+    proc = run_cli(["distill.temprature=4", "data=synthetic"], cwd=tmp_path,
+                   env_extra={"MLFLOW_TRACKING_URI": ""})
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
@@ -52,7 +53,8 @@ def test_a_value_of_the_wrong_type_is_refused_with_the_key_and_its_default(args,
     ["student.model.num_classes=${data.num_classes}"],
     ["data=cifar10", "data.root=/somewhere", "data.limit_train=100"],
     ["-m", "distill.temperature=interval(1,16)"],  # a sweeper samples it: not enumerated here
-    ["-m", "prune=magnitude,structured", "prune.pruner.global_pruning=true"],  # a key of the second option only
+    # a key of the second option only
+    ["-m", "prune=magnitude,structured", "prune.pruner.global_pruning=true"],
     ["prune=structured", "prune/schedule=agp", "prune/importance=taylor", "prune.schedule.frequency=5"],
 ])
 def test_valid_overrides_pass(args):
@@ -60,6 +62,7 @@ def test_valid_overrides_pass(args):
 
 
 def test_an_unknown_option_of_a_group_lists_the_options_in_one_line():
-    with pytest.raises(ConfigError, match="Could not find 'distill/kdd'.*Available options in 'distill'") as info:
+    with pytest.raises(ConfigError,
+                       match="Could not find 'distill/kdd'.*Available options in 'distill'") as info:
         check(["distill=kdd"], CONFIG_PATH)
     assert "\n" not in str(info.value)

@@ -136,7 +136,8 @@ def test_each_data_option_composes_and_builds_its_module(option, tmp_path):
         write_cifar(tmp_path, option, classes=10)
     else:
         write_images(tmp_path)
-    cfg = make_cfg([f"data={option}", f"data.root={tmp_path}"] + (["data.num_classes=3"] if option == "image_folder" else []))
+    cfg = make_cfg([f"data={option}", f"data.root={tmp_path}"]
+                   + (["data.num_classes=3"] if option == "image_folder" else []))
     dm = instantiate(cfg.data)
     dm.setup()
     assert dm.train_set.tensors[0].shape[1:] == (cfg.data.channels, cfg.data.height, cfg.data.width)

@@ -52,7 +52,8 @@ def test_idx_reader_round_trips_files_it_wrote_in_the_real_format(tmp_path, gz):
     rng = np.random.default_rng(0)
     ext = ".gz" if gz else ""
     for split, n in (("train", 60), ("t10k", 20)):
-        write_idx(rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), tmp_path / f"{split}-images-idx3-ubyte{ext}")
+        write_idx(rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
+                  tmp_path / f"{split}-images-idx3-ubyte{ext}")
         write_idx(rng.integers(0, 10, n, dtype=np.uint8), tmp_path / f"{split}-labels-idx1-ubyte{ext}")
     dm = IDXDataModule(root=str(tmp_path), val_fraction=0.25)
     dm.setup()

@@ -185,8 +185,10 @@ def test_a_term_of_weight_zero_is_not_built_and_asks_for_no_layer():
 @pytest.mark.parametrize("terms, message", [
     ({"kd": {"_target_": "kdpipe.losses.SoftTargetKL", "temperature": float("nan")}},
      "distill.terms.kd: distill.temperature=nan must be a finite number"),
-    ({"kd": {"_target_": "kdpipe.losses.SoftTargetKL", "weight": -1}}, "distill.terms.kd.weight=-1 must be >= 0"),
-    ({"kd": {"_target_": "kdpipe.losses.NoSuchTerm"}}, "distill.terms.kd cannot be built from kdpipe.losses.NoSuchTerm"),
+    ({"kd": {"_target_": "kdpipe.losses.SoftTargetKL", "weight": -1}},
+     "distill.terms.kd.weight=-1 must be >= 0"),
+    ({"kd": {"_target_": "kdpipe.losses.NoSuchTerm"}},
+     "distill.terms.kd cannot be built from kdpipe.losses.NoSuchTerm"),
     ({"kd": {"weight": 1}}, "distill.terms.kd must be a mapping with a _target_"),
     ({}, "distill.terms is empty"),
 ])

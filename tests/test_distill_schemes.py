@@ -109,7 +109,8 @@ def test_deep_mutual_learning_trains_peers_together_and_beats_chance(tiny):
     acc, logged = _fit_and_test(MutualLearningModule(peers, 4, 1.0, ADAMW), dm)
     assert {"train/loss_ce", "train/loss_mimic"} <= set(logged)
     assert acc > CHANCE + 0.2, acc
-    assert any(not torch.equal(a, b) for a, b in zip(before, peers[1].parameters(), strict=True)), "peer 1 trained"
+    assert any(not torch.equal(a, b)
+               for a, b in zip(before, peers[1].parameters(), strict=True)), "peer 1 trained"
 
 
 def test_deep_to_shallow_self_distillation_beats_chance_and_exits_stay_out_of_the_student(tiny):
@@ -183,7 +184,8 @@ def test_capacity_gap_message_names_the_chain_option():
 @pytest.mark.parametrize("overrides, message", [
     (["distill=fitnet", "distill.terms.hint.teacher_layer=layer9"],
      "teacher has no layer 'layer9'; valid module paths: features"),
-    (["distill=attention", "distill.terms.at.student_layers=[features.7,features.0]"], "student has no layer 'features.7'"),
+    (["distill=attention", "distill.terms.at.student_layers=[features.7,features.0]"],
+     "student has no layer 'features.7'"),
     (["distill=kd", "distill.scheme.cache_teacher=true", "data.augment=[flip]"], "data.augment is set"),
     (["distill=kd", "distill.scheme.cache_teacher=maybe"], "must be auto, true or false"),
     (["distill=kd", "data.augment=[blur]"], "unknown augmentation 'blur'"),
@@ -208,10 +210,12 @@ def test_pipeline_caches_teacher_logits_with_the_teacher_run_and_reuses_them(sto
     assert "capacity gap" in caplog.text and "distill.scheme.chain" in caplog.text
     run_pipeline(make_cfg([*base, "distill.temperature=8"]), tmp_path / "b")
     runs = _runs()
-    distills = sorted((r for r in runs if r.data.tags.get("kdpipe.stage") == "distill"), key=lambda r: r.info.start_time)
+    distills = sorted((r for r in runs if r.data.tags.get("kdpipe.stage") == "distill"),
+                      key=lambda r: r.info.start_time)
     assert [r.data.tags["kdpipe.teacher_cache"] for r in distills] == ["computed", "reused"]
     assert all("kdpipe.capacity_gap" in r.data.tags for r in distills)
-    trained = next(r for r in runs if r.data.tags.get("kdpipe.stage") == "teacher" and "kdpipe.reused_from" not in r.data.tags)
+    trained = next(r for r in runs if r.data.tags.get("kdpipe.stage") == "teacher"
+                   and "kdpipe.reused_from" not in r.data.tags)
     stored = [f.path for f in MlflowClient().list_artifacts(trained.info.run_id, "teacher_outputs")]
     assert stored == ["teacher_outputs/train_logits.pt"]
 
@@ -251,7 +255,8 @@ def test_ensemble_teacher_through_an_assistant_chain(store, tmp_path):
 
 
 def test_hint_and_dkd_compose_from_yaml_alone_and_each_term_has_its_curve(store, tmp_path):
-    hint = "+distill.terms.hint={_target_:kdpipe.losses.Hint,weight:1,student_layer:features.1,teacher_layer:features.1}"
+    hint = ("+distill.terms.hint={_target_:kdpipe.losses.Hint,weight:1,"
+            "student_layer:features.1,teacher_layer:features.1}")
     cfg = make_cfg(["prune=none", "quantize=none", "distill=dkd", hint])
     validate(cfg)
     run_pipeline(cfg, tmp_path / "out")

@@ -83,7 +83,8 @@ def test_a_users_term_model_and_callback_run_through_the_cli(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = [*FAST, "prune=none", "quantize=none", "distill=kd",
             "+distill.terms.match={_target_:my_ext.LogitMatch,weight:0.5,scale:2.0,layer:'2'}",
-            "~student.model", "+student.model={_target_:my_ext.tiny_mlp,in_shape:[1,8,8],num_classes:4,hidden:12}",
+            "~student.model",
+            "+student.model={_target_:my_ext.tiny_mlp,in_shape:[1,8,8],num_classes:4,hidden:12}",
             f"+callbacks.count={{_target_:my_ext.CountEpochs,path:'{fits}'}}"]
     args = [a for a in args if not a.startswith("student.model.width")]
     proc = run_cli(args, cwd=tmp_path, env_extra={"PYTHONPATH": str(tmp_path), "MLFLOW_TRACKING_URI": uri})
@@ -128,6 +129,7 @@ def test_a_users_training_regime_and_config_folder_run_by_name(tmp_path):
     distill = next(r for r in runs if r.data.tags.get("kdpipe.stage") == "distill")
     assert distill.data.metrics["test/acc"] > 0.25
     assert distill.data.metrics["model/params"] == 8 * 8 * 12 + 12 + 12 * 4 + 4  # the user's option
-    assert len(MlflowClient().get_metric_history(distill.info.run_id, "val/acc")) == 2  # two candidates fitted
+    # two candidates fitted
+    assert len(MlflowClient().get_metric_history(distill.info.run_id, "val/acc")) == 2
     parent = next(r for r in runs if r.data.tags.get("kdpipe.run_type") == "pipeline")
     assert parent.info.run_name.startswith("two")

@@ -43,7 +43,8 @@ def _wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 120
         if value:
             return value
         if proc.poll() is not None:
-            pytest.fail(f"the job ended (rc {proc.returncode}) before {what}:\n{proc.communicate()[1][-3000:]}")
+            pytest.fail(f"the job ended (rc {proc.returncode}) before {what}:\n"
+                        f"{proc.communicate()[1][-3000:]}")
         time.sleep(0.05)
     proc.kill()
     pytest.fail(f"timed out waiting for {what}")
@@ -114,8 +115,8 @@ def test_a_killed_job_run_again_reuses_finished_stages_and_resumes_the_interrupt
     assert not any(ckpt_root.iterdir())  # a finished stage needs no checkpoint
 
 
-MULTI_FIT = [*FAST, "data.num_samples=4096", "data.batch_size=64", "teacher.max_epochs=1", "distill.max_epochs=3",
-             "prune=none", "quantize=none"]
+MULTI_FIT = [*FAST, "data.num_samples=4096", "data.batch_size=64", "teacher.max_epochs=1",
+             "distill.max_epochs=3", "prune=none", "quantize=none"]
 
 
 @pytest.mark.parametrize("args, fit, done", [
@@ -154,7 +155,8 @@ def test_a_fit_after_the_first_resumes_where_it_was_killed(store, tmp_path, args
 
 def test_a_diverging_loss_stops_the_stage_naming_term_and_epoch_and_marks_it_failed(store, tmp_path):
     cfg = make_cfg(["optim.lr=1e30", "teacher.max_epochs=2", "prune=none", "quantize=none"])
-    with pytest.raises(FloatingPointError, match=r"stage teacher, fit teacher: loss term\(s\) ce became (nan|inf) at epoch \d"):
+    with pytest.raises(FloatingPointError,
+                       match=r"stage teacher, fit teacher: loss term\(s\) ce became (nan|inf) at epoch \d"):
         run_pipeline(cfg, tmp_path / "out")
     while mlflow.active_run():
         mlflow.end_run()

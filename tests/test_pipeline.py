@@ -23,7 +23,8 @@ def _runs():
 
 
 def _by_stage(runs, parent_id):
-    return {r.data.tags["kdpipe.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id}
+    return {r.data.tags["kdpipe.stage"]: r for r in runs
+            if r.data.tags.get("mlflow.parentRunId") == parent_id}
 
 
 def test_full_pipeline_logs_every_stage_with_tags_metrics_and_a_loadable_model(store, tmp_path):
@@ -55,7 +56,8 @@ def test_full_pipeline_logs_every_stage_with_tags_metrics_and_a_loadable_model(s
         assert m in parent.data.metrics, m
     assert metrics["test/acc"] == parent.data.metrics["test/acc"]
     t, q = stages["teacher"].data.metrics, stages["quantize"].data.metrics
-    assert parent.data.metrics["compression/ratio"] == pytest.approx(t["model/size_bytes"] / q["model/size_bytes"])
+    assert parent.data.metrics["compression/ratio"] == pytest.approx(t["model/size_bytes"]
+                                                                     / q["model/size_bytes"])
     # prune hit its sparsity and the int8 model is smaller than its fp32 source on disk
     p = stages["prune"].data.metrics
     assert stages["prune"].data.metrics["prune/sparsity"] == pytest.approx(0.5, abs=1e-3)
@@ -128,8 +130,10 @@ def test_teacher_loads_from_a_checkpoint_path_and_from_an_mlflow_uri(store, tmp_
 def test_summary_explains_an_int8_model_slower_or_larger_than_its_source():
     from kdpipe.report.summary import pitfall_notes
 
-    fp32 = {"stage": "prune", "kind": "torch", "latency/p50_ms": 0.01, "model/size_bytes": 100.0, "model/flops": 8e4}
-    int8 = {"stage": "quantize", "kind": "onnx", "latency/p50_ms": 0.03, "model/size_bytes": 200.0, "model/flops": 8e4}
+    fp32 = {"stage": "prune", "kind": "torch", "latency/p50_ms": 0.01, "model/size_bytes": 100.0,
+            "model/flops": 8e4}
+    int8 = {"stage": "quantize", "kind": "onnx", "latency/p50_ms": 0.03, "model/size_bytes": 200.0,
+            "model/flops": 8e4}
     notes = pitfall_notes([fp32, int8])
     assert len(notes) == 2 and "slower" in notes[0] and "larger" in notes[1]
     fast = {**int8, "latency/p50_ms": 0.005, "model/size_bytes": 50.0}

@@ -115,7 +115,8 @@ def test_two_sweeps_at_once_on_one_local_store_lose_nothing(tmp_path):
     for r in runs:
         by_stage.setdefault(r.data.tags.get("kdpipe.stage"), []).append(r)
     # one teacher and one student per temperature were trained; every other job reused them
-    trained = [r for r in by_stage["teacher"] + by_stage["distill"] if "kdpipe.reused_from" not in r.data.tags]
+    trained = [r for r in by_stage["teacher"] + by_stage["distill"]
+               if "kdpipe.reused_from" not in r.data.tags]
     assert sorted(r.data.tags["kdpipe.stage"] for r in trained) == ["distill", "distill", "teacher"]
     client = MlflowClient()
     for r in runs:  # every stage that computed a model kept it; every reused one points at a kept one
@@ -144,8 +145,10 @@ def test_ddp_with_two_cpu_processes_logs_once_reuses_stages_and_loads(store, tmp
     assert sorted(r.data.tags.get("kdpipe.stage", "pipeline") for r in runs) == \
         sorted(["pipeline", "teacher", "distill", "evaluate"] * 2)
     assert all(r.info.status == "FINISHED" for r in runs)
-    first = min((r for r in runs if r.data.tags.get("kdpipe.stage") == "distill"), key=lambda r: r.info.start_time)
-    second = max((r for r in runs if r.data.tags.get("kdpipe.stage") == "teacher"), key=lambda r: r.info.start_time)
+    first = min((r for r in runs if r.data.tags.get("kdpipe.stage") == "distill"),
+                key=lambda r: r.info.start_time)
+    second = max((r for r in runs if r.data.tags.get("kdpipe.stage") == "teacher"),
+                 key=lambda r: r.info.start_time)
     assert "kdpipe.reused_from" in second.data.tags  # the teacher cache works under DDP
     history = MlflowClient().get_metric_history(first.info.run_id, "val/acc")
     assert len(history) == 2  # logged once per epoch, by rank 0 only

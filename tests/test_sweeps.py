@@ -66,7 +66,8 @@ def test_parallel_joblib_sweep_finishes_every_run_and_trains_the_teacher_once(jo
     teachers = [r for r in runs if r.data.tags.get("kdpipe.stage") == "teacher"]
     trained = [t for t in teachers if "kdpipe.reused_from" not in t.data.tags]
     assert len(teachers) == 2 and len(trained) == 1
-    assert all(t.data.tags["kdpipe.reused_from"] == trained[0].info.run_id for t in teachers if t not in trained)
+    assert all(t.data.tags["kdpipe.reused_from"] == trained[0].info.run_id
+               for t in teachers if t not in trained)
 
 
 def test_every_run_of_a_multirun_shares_one_sweep_tag_and_has_a_readable_name(joblib_sweep):
@@ -109,8 +110,10 @@ def test_report_gives_mean_and_std_over_runs_that_differ_only_by_seed(joblib_swe
     mlflow.set_tracking_uri(joblib_sweep["uri"])
     cfg = make_cfg(["experiment=temperature_sweep", "seed=1", "distill.temperature=2"])
     run_pipeline(cfg, tmp_path / "seed1")
-    accs = {(int(p.data.params["seed"]), float(p.data.params["distill.temperature"])): p.data.metrics["test/acc"]
-            for p in _pipelines(mlflow.search_runs(experiment_names=["temperature_sweep"], output_format="list"))}
+    accs = {(int(p.data.params["seed"]), float(p.data.params["distill.temperature"])):
+                p.data.metrics["test/acc"]
+            for p in _pipelines(mlflow.search_runs(experiment_names=["temperature_sweep"],
+                                                   output_format="list"))}
     assert set(accs) == {(0, 2.0), (1, 2.0), (0, 4.0)}
     report = build_report("temperature_sweep", sweep, tmp_path / "report", log=False)
     summary = report.summary.set_index(report.summary["distill.temperature"].astype(float))
@@ -139,8 +142,10 @@ def test_report_command_names_the_experiments_there_when_the_name_is_wrong(jobli
 def test_run_name_is_built_from_the_scheme_temperature_alpha_pruning_and_quantization():
     cfg = make_cfg([])
     assert run_name(cfg) == "kd-T4-a0.9-mag50-int8"
-    assert run_name(make_cfg(["distill=none", "prune=none", "quantize=none", "seed=2"]), ["seed=2"]) == "none-s2"
-    assert run_name(cfg, ["student=mlp", "optim.lr=0.1", "eval.latency_iters=5"]) == "kd-T4-a0.9-mag50-int8-mlp-lr0.1"
+    assert run_name(make_cfg(["distill=none", "prune=none", "quantize=none", "seed=2"]),
+                    ["seed=2"]) == "none-s2"
+    assert (run_name(cfg, ["student=mlp", "optim.lr=0.1", "eval.latency_iters=5"])
+            == "kd-T4-a0.9-mag50-int8-mlp-lr0.1")
 
 
 def test_run_name_abbreviates_paths_and_uris_and_shows_the_seed_once():
@@ -164,7 +169,8 @@ def test_run_name_starts_with_distill_name_or_the_scheme_class():
 def test_run_name_shows_alpha_only_with_the_kd_term_and_names_term_and_scheme_overrides():
     dkd = make_cfg(["distill=dkd", "prune=none", "quantize=none"])
     assert run_name(dkd) == "dkd-T4"  # distill.alpha=0: no KD term in the sum, no alpha in the name
-    hint = "+distill.terms.hint={_target_:kdpipe.losses.Hint,student_layer:features.1,teacher_layer:features.1}"
+    hint = ("+distill.terms.hint={_target_:kdpipe.losses.Hint,"
+            "student_layer:features.1,teacher_layer:features.1}")
     assert run_name(dkd, ["distill.terms.nckd.weight=4", hint]) == "dkd-T4-nckd4-hint"
     dml = make_cfg(["distill=dml", "prune=none", "quantize=none"])
     assert run_name(dml, ["distill.scheme.peers=3"]) == "dml-peers3"
@@ -196,8 +202,10 @@ def test_sweep_summary_labels_each_group_by_the_values_that_define_it():
                                           for t in ("2.0", "4.0", "16.0")]))
     assert list(temperatures["config"]) == ["T=2", "T=4", "T=16"]
     grid = summarise(_runs_table([{"prune.sparsity": sp, "quantize.mode": q, "quantize.per_channel": pc}
-                                  for sp in ("0.5", "0.9") for q, pc in (("none", None), ("dynamic", "False"))], 1))
-    assert set(grid["config"]) == {f"quantize={q}, sparsity={sp}" for sp in ("0.5", "0.9") for q in ("none", "dynamic")}
+                                  for sp in ("0.5", "0.9")
+                                  for q, pc in (("none", None), ("dynamic", "False"))], 1))
+    assert set(grid["config"]) == {f"quantize={q}, sparsity={sp}"
+                                   for sp in ("0.5", "0.9") for q in ("none", "dynamic")}
 
 
 def test_experiments_and_the_slurm_launcher_compose():
@@ -253,7 +261,8 @@ def server(joblib_sweep, tmp_path_factory):
     log = (tmp_path_factory.mktemp("server") / "server.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "kdpipe.tracking.ui", "--store", joblib_sweep["uri"],
                              "--port", str(port), "--artifacts", str(joblib_sweep["root"] / "mlartifacts")],
-                            cwd=joblib_sweep["root"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                            cwd=joblib_sweep["root"], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
     while time.time() < deadline:
@@ -325,7 +334,9 @@ def test_pipeline_logs_to_a_real_tracking_server_with_tracking_server(server, tm
 
 def test_bad_value_in_a_multirun_stops_with_one_line_before_the_store_is_created(tmp_path):
     res = run_cli(["-m", *FAST, "distill.alpha=1.5,0.5"], tmp_path,
-                  {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "KDPIPE_LOCK_DIR": str(tmp_path / "locks")})
+                  {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+                   "KDPIPE_LOCK_DIR": str(tmp_path / "locks")})
     assert res.returncode == 2
-    assert "kdpipe: error: distill.alpha=1.5 must lie in [0, 1]" in res.stderr and "Traceback" not in res.stderr
+    assert ("kdpipe: error: distill.alpha=1.5 must lie in [0, 1]" in res.stderr
+            and "Traceback" not in res.stderr)
     assert not (tmp_path / "mlflow.db").exists()

@@ -97,14 +97,15 @@ class PruningCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.pruner.structural and trainer.world_size > 1:
             raise ConfigError(f"{type(self.pruner).__name__} replaces parameters during the fit, which a "
-                              f"distributed strategy cannot follow ({trainer.world_size} processes); prune on "
-                              f"one device (trainer.devices=1) or use prune=magnitude")
+                              f"distributed strategy cannot follow ({trainer.world_size} processes); "
+                              f"prune on one device (trainer.devices=1) or use prune=magnitude")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.pending = sorted(self.schedule.points(steps_per_epoch(trainer)), key=lambda p: p.step)
         self.applied, self.curve = [], []
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch,
+                             batch_idx: int) -> None:
         due = [p for p in self.pending if p.step <= trainer.global_step]
         if due:
             self.pending = self.pending[len(due):]
@@ -125,7 +126,8 @@ class PruningCallback(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.pending:  # the fit stopped before the schedule did (max_steps, an early stop)
-            log.warning("prune: the fit ended at step %d, before the schedule; pruning to %.3f without fine-tuning",
+            log.warning("prune: the fit ended at step %d, before the schedule; "
+                        "pruning to %.3f without fine-tuning",
                         trainer.global_step, self.pending[-1].target)
             point, self.pending = self.pending[-1], []
             self._prune(trainer, pl_module, point, example=None)

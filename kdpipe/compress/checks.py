@@ -39,7 +39,8 @@ def check_prune(prune: DictConfig, trainer: DictConfig | None = None, model: nn.
         return
     sparsity = limits.sparsity(prune.sparsity)
     if prune.get("storage", "dense") not in STORAGES:
-        raise ConfigError(f"prune.storage={prune.storage} must be sparse (bitmask + non-zero values) or dense")
+        raise ConfigError(f"prune.storage={prune.storage} must be sparse (bitmask + non-zero values) "
+                          "or dense")
     schedule = build(prune.schedule, "prune.schedule")
     if model is not None:
         pruner = build(prune.pruner, "prune.pruner", model=model, example_inputs=example)

@@ -40,4 +40,5 @@ class BNScale(tp.importance.BNScaleImportance):
 
 def needs_gradients(importance: object) -> bool:
     """True for a criterion that reads `.grad` (Torch-Pruning's Taylor family included)."""
-    return bool(getattr(importance, "needs_gradients", isinstance(importance, tp.importance.GroupTaylorImportance)))
+    return bool(getattr(importance, "needs_gradients",
+                        isinstance(importance, tp.importance.GroupTaylorImportance)))

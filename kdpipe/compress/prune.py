@@ -53,9 +53,11 @@ class MagnitudePruner:
 
     structural = False
 
-    def __init__(self, model: nn.Module, example_inputs: torch.Tensor | None = None, scope: str = "global") -> None:
+    def __init__(self, model: nn.Module, example_inputs: torch.Tensor | None = None,
+                 scope: str = "global") -> None:
         if scope not in SCOPES:
-            raise ConfigError(f"prune.pruner.scope={scope} must be global (rank all layers together) or layer")
+            raise ConfigError(f"prune.pruner.scope={scope} must be global (rank all layers together) "
+                              "or layer")
         self.model, self.scope = model, scope
 
     def step(self, target: float) -> None:

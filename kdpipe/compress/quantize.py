@@ -78,7 +78,8 @@ def check_calibration_size(samples: int, min_samples: int) -> None:
                          "quantize.calibration.num_batches=0; give it at least one batch (e.g. 8)")
     if samples < min_samples:
         warnings.warn(
-            f"calibrating int8 activation ranges on only {samples} samples (< quantize.calibration.min_samples="
+            f"calibrating int8 activation ranges on only {samples} samples "
+            "(< quantize.calibration.min_samples="
             f"{min_samples}): ranges may be off and accuracy drop; raise quantize.calibration.num_batches",
             CompressionWarning, stacklevel=2)
 
@@ -89,7 +90,8 @@ def quantize_static_int8(fp32_onnx: str | Path, out_path: str | Path, loader: It
     """Post-training static quantization (QOperator format: QLinearConv etc., per-channel int8
     weights, uint8 activations) calibrated on `num_batches` batches; returns (path, samples)."""
     if method not in CALIBRATION_METHODS:
-        raise ValueError(f"quantize.calibration.method={method!r}; use one of {', '.join(CALIBRATION_METHODS)}")
+        raise ValueError(f"quantize.calibration.method={method!r}; "
+                         f"use one of {', '.join(CALIBRATION_METHODS)}")
     out_path = Path(out_path)
     _quiet()
     input_name = onnx.load(str(fp32_onnx), load_external_data=False).graph.input[0].name

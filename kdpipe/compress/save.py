@@ -45,5 +45,6 @@ def save_pruned(model: nn.Module, arch: dict, folder: Path, structural: bool, st
         return PrunedFiles(path, table, plain)
     if storage == "sparse":
         dense, packed = pack_state_dict(model.state_dict())
-        return PrunedFiles(save_model(model, arch, folder / "model.pt", state_dict=dense, sparse=packed), table)
+        return PrunedFiles(save_model(model, arch, folder / "model.pt", state_dict=dense, sparse=packed),
+                           table)
     return PrunedFiles(save_model(model, arch, folder / "model.pt"), table)

@@ -71,8 +71,10 @@ class IterativeSchedule:
 
     def __init__(self, sparsity: float, steps: int, epochs_per_step: int) -> None:
         self.sparsity = limits.sparsity(sparsity)
-        self.steps = limits.positive_int(steps, "prune.schedule.steps", "cuts to reach prune.sparsity, e.g. 5")
-        self.epochs_per_step = limits.whole_number(epochs_per_step, _EPOCHS, "fine-tuning epochs after each cut")
+        self.steps = limits.positive_int(steps, "prune.schedule.steps",
+                                         "cuts to reach prune.sparsity, e.g. 5")
+        self.epochs_per_step = limits.whole_number(epochs_per_step, _EPOCHS,
+                                                   "fine-tuning epochs after each cut")
         self.epochs = self.steps * self.epochs_per_step
 
     def points(self, steps_per_epoch: int) -> list[PrunePoint]:
@@ -108,7 +110,8 @@ class AGPSchedule:
         if not self.start_epoch < self.end_epoch <= self.epochs:
             raise ConfigError(f"prune.schedule: agp needs start_epoch < end_epoch <= prune.finetune.epochs "
                               f"(got {start_epoch}, {end_epoch}, {epochs})")
-        self.frequency = limits.positive_int(frequency, "prune.schedule.frequency", "optimizer steps, e.g. 10")
+        self.frequency = limits.positive_int(frequency, "prune.schedule.frequency",
+                                             "optimizer steps, e.g. 10")
 
     def points(self, steps_per_epoch: int) -> list[PrunePoint]:
         start = int(self.start_epoch * steps_per_epoch)

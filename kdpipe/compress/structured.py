@@ -31,7 +31,8 @@ def output_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
     with torch.no_grad():
         n_out = model.eval()(example[:1]).shape[-1]
     model.train(was_training)
-    linears = [(p, m) for p, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features == n_out]
+    linears = [(p, m) for p, m in model.named_modules()
+               if isinstance(m, nn.Linear) and m.out_features == n_out]
     return [linears[-1][0]] if linears else []
 
 
@@ -65,7 +66,8 @@ class StructuredPruner:
     structural = True
 
     def __init__(self, model: nn.Module, example_inputs: torch.Tensor, importance: object | None = None,
-                 ignore: Sequence[str] | None = None, global_pruning: bool = False, gradient_batches: int = 4) -> None:
+                 ignore: Sequence[str] | None = None, global_pruning: bool = False,
+                 gradient_batches: int = 4) -> None:
         importance = Magnitude() if importance is None else importance
         was_training = model.training  # tracing the graph leaves the model in eval mode
         modules = dict(model.named_modules())
@@ -85,7 +87,8 @@ class StructuredPruner:
     def _widths(self) -> dict[str, int]:
         """Output channels of every conv/linear layer that may be pruned."""
         return {path: m.weight.shape[0] for path, m in self.model.named_modules()
-                if isinstance(m, PRUNABLE) and not any(path == p or path.startswith(p + ".") for p in self.ignored)}
+                if isinstance(m, PRUNABLE)
+                and not any(path == p or path.startswith(p + ".") for p in self.ignored)}
 
     def step(self, target: float) -> None:
         if self.gradient_batches and all(p.grad is None for p in self.model.parameters()):

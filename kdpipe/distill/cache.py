@@ -41,7 +41,8 @@ def cache_blockers(augment: bool, teacher_layers: tuple[str, ...], chain: bool) 
 
 
 def use_cache(mode, blockers: list[str]) -> bool:
-    """`distill.scheme.cache_teacher`: auto (when nothing blocks it), true (error if something does), false."""
+    """`distill.scheme.cache_teacher`: auto (when nothing blocks it), true (error if
+    something does), false."""
     mode = str(mode).lower()
     if mode not in ("auto", "true", "false"):
         raise ConfigError(f"distill.scheme.cache_teacher={mode} must be auto, true or false")
@@ -76,7 +77,8 @@ def teacher_train_logits(datamodule, workdir: Path, source: str, teacher_key: st
                 mlflow.set_tag(CACHE_TAG, "reused")
                 log.info("distill: teacher logits reused from run %s", source)
                 return logits
-            log.warning("distill: cached teacher logits of run %s do not match the training set; recomputing", source)
+            log.warning("distill: cached teacher logits of run %s do not match the training set; "
+                        "recomputing", source)
         logits = compute_logits(teacher, datamodule.train_set)
         local_dir.mkdir(parents=True, exist_ok=True)
         path = local_dir / name

@@ -25,13 +25,13 @@ def validate_distill(cfg: DictConfig) -> None:
     augment = build_augmentation(OmegaConf.to_container(spec, resolve=True) if spec else [], in_shape)
     scheme = build(dcfg.scheme, "distill.scheme")
     if not callable(getattr(scheme, "train", None)):
-        raise ConfigError(f"distill.scheme: {dcfg.scheme._target_} has no train(job) method; a scheme is a class "
-                          f"with train(job) -> the trained student (docs/extending.md)")
+        raise ConfigError(f"distill.scheme: {dcfg.scheme._target_} has no train(job) method; a scheme "
+                          f"is a class with train(job) -> the trained student (docs/extending.md)")
     needs_teacher = bool(getattr(scheme, "needs_teacher", True))
     if needs_teacher and cfg.get("teacher") is None:
-        raise ConfigError(f"~teacher (no teacher) leaves nothing to distill from: distill={dcfg.get('name')} learns "
-                          f"from the teacher stage; pick a teacher, or a scheme without one (distill=none, dml, "
-                          f"born_again, deep_to_shallow)")
+        raise ConfigError(f"~teacher (no teacher) leaves nothing to distill from: "
+                          f"distill={dcfg.get('name')} learns from the teacher stage; pick a teacher, "
+                          f"or a scheme without one (distill=none, dml, born_again, deep_to_shallow)")
     if dcfg.get("terms"):
         WeightedSum.from_config(dcfg.terms)  # every term builds: bad keys and values fail here
     check = getattr(scheme, "check", None)

@@ -103,7 +103,8 @@ def capacity_gap_message(student: nn.Module, teacher: nn.Module, fraction: float
     n_s, n_t = count_params(student)[0], count_params(teacher)[0]
     if n_t == 0 or n_s >= fraction * n_t:
         return None
-    return (f"capacity gap: the student has {n_s:,} parameters, {100 * n_s / n_t:.1f}% of the teacher's {n_t:,} "
+    return (f"capacity gap: the student has {n_s:,} parameters, "
+            f"{100 * n_s / n_t:.1f}% of the teacher's {n_t:,} "
             f"(below distill.scheme.capacity_gap_fraction={fraction}); distillation can then do worse than "
             f"training from scratch (Mirzadeh et al. 2020). Consider a teacher-assistant chain, e.g. "
             f"'distill.scheme.chain=[{{_target_:kdpipe.models.cnn,width:16,depth:3}}]', more epochs, or a "
@@ -148,7 +149,8 @@ class Offline:
             except Exception as exc:
                 raise ConfigError(f"distill.scheme.chain[{i}] cannot be built from {arch.get('_target_')}: "
                                   f"{exc}") from exc
-        use_cache(self.cache_teacher, cache_blockers(job.augment is not None, loss.teacher_layers, bool(self.chain)))
+        use_cache(self.cache_teacher,
+                  cache_blockers(job.augment is not None, loss.teacher_layers, bool(self.chain)))
 
     def train(self, job: DistillJob) -> nn.Module:
         teacher = job.teacher
@@ -163,7 +165,8 @@ class Offline:
         gap = capacity_gap_message(student, teacher, self.capacity_gap_fraction)
         if gap:
             log.warning(gap)
-            mlflow.set_tag("kdpipe.capacity_gap", f"{count_params(student)[0] / count_params(teacher)[0]:.4f}")
+            mlflow.set_tag("kdpipe.capacity_gap",
+                           f"{count_params(student)[0] / count_params(teacher)[0]:.4f}")
         loss = job.loss()
         loader = None
         if use_cache(self.cache_teacher, cache_blockers(job.augment is not None, loss.teacher_layers,
@@ -214,7 +217,8 @@ class BornAgain:
         log_val_acc("self/generation_val_acc", trainer, 0)
         for gen in range(1, self.generations + 1):
             student = job.build_student()
-            trainer = job.fitter.fit(job.distiller(student, model.eval(), job.loss()), f"gen{gen}", job.max_epochs)
+            trainer = job.fitter.fit(job.distiller(student, model.eval(), job.loss()), f"gen{gen}",
+                                     job.max_epochs)
             log_val_acc("self/generation_val_acc", trainer, gen)
             model = student
         return model

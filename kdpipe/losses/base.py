@@ -48,7 +48,8 @@ def layer_pairs(student_layers, teacher_layers, term: str) -> tuple[tuple[str, .
     return s, t
 
 
-def probe_shapes(model: nn.Module, paths: tuple[str, ...], example: torch.Tensor, role: str) -> dict[str, torch.Size]:
+def probe_shapes(model: nn.Module, paths: tuple[str, ...], example: torch.Tensor,
+                 role: str) -> dict[str, torch.Size]:
     """The output shape of each named layer on `example`: how adapters are sized from the
     models themselves, never from numbers the user types."""
     shapes: dict[str, torch.Size] = {}
@@ -113,15 +114,16 @@ class WeightedSum(nn.Module):
         built, weights = {}, {}
         for name, spec in (terms or {}).items():
             if not isinstance(spec, Mapping) or "_target_" not in spec:
-                raise ConfigError(f"distill.terms.{name} must be a mapping with a _target_ (the term's class) "
-                                  f"and a weight, got {spec!r}")
+                raise ConfigError(f"distill.terms.{name} must be a mapping with a _target_ "
+                                  f"(the term's class) and a weight, got {spec!r}")
             spec = dict(spec)
             weight = limits.weight(spec.pop("weight", 1.0), f"distill.terms.{name}.weight")
             if weight == 0:
                 continue
             term = build(spec, f"distill.terms.{name}")
             if not callable(getattr(term, "forward", None)):
-                raise ConfigError(f"distill.terms.{name}: {spec['_target_']} is not a module with forward(out)")
+                raise ConfigError(f"distill.terms.{name}: {spec['_target_']} is not a module "
+                                  "with forward(out)")
             built[name], weights[name] = term, weight
         return cls(built, weights)
 

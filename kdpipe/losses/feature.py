@@ -92,7 +92,8 @@ class AttentionTransfer(LossTerm):
 
     def __init__(self, student_layers: Sequence[str], teacher_layers: Sequence[str], p: float = 2.0) -> None:
         super().__init__()
-        self.student_layers, self.teacher_layers = layer_pairs(student_layers, teacher_layers, "attention transfer")
+        self.student_layers, self.teacher_layers = layer_pairs(student_layers, teacher_layers,
+                                                               "attention transfer")
         self.p = float(p)
 
     def setup(self, student: nn.Module, teacher: nn.Module | None, example: torch.Tensor) -> None:
@@ -108,6 +109,7 @@ class AttentionTransfer(LossTerm):
         for sl, tl in zip(self.student_layers, self.teacher_layers, strict=True):
             fs, ft = out.student_features[sl], out.teacher_features[tl]
             size = (min(fs.shape[-2], ft.shape[-2]), min(fs.shape[-1], ft.shape[-1]))
-            qs, qt = attention_map(match_spatial(fs, size), self.p), attention_map(match_spatial(ft, size), self.p)
+            qs, qt = (attention_map(match_spatial(fs, size), self.p),
+                      attention_map(match_spatial(ft, size), self.p))
             total = total + (qs - qt).pow(2).mean()
         return total

@@ -81,7 +81,8 @@ class SimilarityPreserving(LossTerm):
 
     def __init__(self, student_layers, teacher_layers) -> None:
         super().__init__()
-        self.student_layers, self.teacher_layers = layer_pairs(student_layers, teacher_layers, "similarity preservation")
+        self.student_layers, self.teacher_layers = layer_pairs(student_layers, teacher_layers,
+                                                               "similarity preservation")
 
     def forward(self, out: DistillOutputs) -> torch.Tensor:
         total = out.student_logits.new_zeros(())

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 
-def mlp(in_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (256, 128), dropout: float = 0.0) -> nn.Module:
+def mlp(in_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (256, 128),
+        dropout: float = 0.0) -> nn.Module:
     """A multi-layer perceptron over the flattened image."""
     in_features = 1
     for d in in_shape:
@@ -40,7 +41,8 @@ def cnn(in_shape: Sequence[int], num_classes: int, width: int = 32, depth: int =
     blocks: list[nn.Module] = []
     for i in range(depth):
         out = width * 2 ** min(i, 3)
-        block = [nn.Conv2d(channels, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+        block = [nn.Conv2d(channels, out, 3, padding=1, bias=False), nn.BatchNorm2d(out),
+                 nn.ReLU(inplace=True)]
         if size >= 4 and i < depth - 1:
             block.append(nn.MaxPool2d(2))
             size //= 2
@@ -66,7 +68,8 @@ class BasicBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.shortcut = nn.Identity()
         if stride != 1 or in_ch != out_ch:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), nn.BatchNorm2d(out_ch))
+            self.shortcut = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False),
+                                          nn.BatchNorm2d(out_ch))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
@@ -78,7 +81,8 @@ class ResNet(nn.Module):
     """A small CIFAR-style ResNet (He et al. 2016): a 3x3 stem and three stages `layer1..3`
     of BasicBlocks, the last two halving the resolution."""
 
-    def __init__(self, in_shape: Sequence[int], num_classes: int, width: int = 16, blocks: Sequence[int] = (1, 1, 1)) -> None:
+    def __init__(self, in_shape: Sequence[int], num_classes: int, width: int = 16,
+                 blocks: Sequence[int] = (1, 1, 1)) -> None:
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(int(in_shape[0]), width, 3, padding=1, bias=False),
                                   nn.BatchNorm2d(width), nn.ReLU(inplace=True))
@@ -86,7 +90,8 @@ class ResNet(nn.Module):
         stages = []
         for i, n in enumerate(blocks):
             out = width * 2**i
-            layers = [BasicBlock(ch if j == 0 else out, out, 2 if (i > 0 and j == 0) else 1) for j in range(n)]
+            layers = [BasicBlock(ch if j == 0 else out, out, 2 if (i > 0 and j == 0) else 1)
+                      for j in range(n)]
             stages.append(nn.Sequential(*layers))
             ch = out
         self.layer1, self.layer2, self.layer3 = (stages + [nn.Identity()] * 3)[:3]
@@ -98,7 +103,8 @@ class ResNet(nn.Module):
         return self.fc(self.pool(x))
 
 
-def resnet(in_shape: Sequence[int], num_classes: int, width: int = 16, blocks: Sequence[int] = (1, 1, 1)) -> nn.Module:
+def resnet(in_shape: Sequence[int], num_classes: int, width: int = 16,
+           blocks: Sequence[int] = (1, 1, 1)) -> nn.Module:
     """Factory for `ResNet` so configs name every model the same way."""
     if len(blocks) != 3:
         raise ValueError("resnet takes exactly three stage sizes, e.g. blocks=[1,1,1]")

@@ -31,7 +31,8 @@ class EnsembleTeacher(nn.Module):
         return t * (torch.logsumexp(logp, dim=0) - math.log(len(self.members)))
 
 
-def ensemble(in_shape: Sequence[int], num_classes: int, members: Sequence[Mapping[str, Any]]) -> EnsembleTeacher:
+def ensemble(in_shape: Sequence[int], num_classes: int,
+             members: Sequence[Mapping[str, Any]]) -> EnsembleTeacher:
     """Factory: each member is a model config (`_target_` + kwargs); `in_shape` and
     `num_classes` are filled in when a member does not give them."""
     if not members:

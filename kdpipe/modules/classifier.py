@@ -55,7 +55,8 @@ class ClassifierModule(pl.LightningModule):
                 f"step {self.global_step}; lower the learning rate or check the loss weights"
             )
         bs = x.shape[0]
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs,
+                 sync_dist=True)
         for name, value in terms.items():  # every term its own curve, also a single one
             self.log(f"train/loss_{name}", value, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
         return loss

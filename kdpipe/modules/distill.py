@@ -74,7 +74,8 @@ class DistillationModule(ClassifierModule):
             with torch.no_grad():
                 teacher_logits = self.teacher(x)
         student_logits = self.model(x)
-        out = DistillOutputs(student_logits, teacher_logits, y, self.student_hooks.pop(), self.teacher_hooks.pop())
+        out = DistillOutputs(student_logits, teacher_logits, y, self.student_hooks.pop(),
+                             self.teacher_hooks.pop())
         return self.loss(out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,8 @@ class AuxiliaryExit(nn.Module):
                                             nn.BatchNorm2d(feature_dim), nn.ReLU(),
                                             nn.AdaptiveAvgPool2d(1), nn.Flatten())
         else:
-            self.bottleneck = nn.Sequential(nn.Flatten(), nn.Linear(int(in_shape[1:].numel()), feature_dim), nn.ReLU())
+            self.bottleneck = nn.Sequential(nn.Flatten(), nn.Linear(int(in_shape[1:].numel()), feature_dim),
+                                            nn.ReLU())
         self.classifier = nn.Linear(feature_dim, num_classes)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,11 +55,14 @@ class SelfDistillationModule(ClassifierModule):
                  augment: nn.Module | None = None) -> None:
         super().__init__(model, num_classes, optim, augment)
         self.exit_layers, self.feature_layer = as_layers(exit_layers), feature_layer
-        shapes = probe_shapes(model, (*self.exit_layers, feature_layer), example_input, "student (distill.scheme.exit_layers)")
+        shapes = probe_shapes(model, (*self.exit_layers, feature_layer), example_input,
+                              "student (distill.scheme.exit_layers)")
         feature_dim = int(shapes[feature_layer][1:].numel())
-        self.exits = nn.ModuleList(AuxiliaryExit(shapes[p], feature_dim, num_classes) for p in self.exit_layers)
+        self.exits = nn.ModuleList(AuxiliaryExit(shapes[p], feature_dim, num_classes)
+                                   for p in self.exit_layers)
         self.hooks = FeatureHooks(model, (*self.exit_layers, feature_layer), "student")
-        self.alpha, self.feature_weight, self.temperature = float(alpha), float(feature_weight), float(temperature)
+        self.alpha, self.feature_weight, self.temperature = (float(alpha), float(feature_weight),
+                                                             float(temperature))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.model(x)

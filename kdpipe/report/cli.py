@@ -18,7 +18,8 @@ def main(argv: list[str] | None = None) -> int:
         description="Tables (markdown, CSV; mean ± std over seeds) and plots (accuracy against temperature, "
                     "size and latency with the Pareto front) of the pipeline runs of an experiment.")
     parser.add_argument("experiment", help="MLflow experiment name (tracking.experiment), e.g. kdpipe")
-    parser.add_argument("--sweep", help="only the runs with this kdpipe.sweep tag (a multirun's sweep directory)")
+    parser.add_argument("--sweep",
+                        help="only the runs with this kdpipe.sweep tag (a multirun's sweep directory)")
     parser.add_argument("--out", type=Path, help="folder for the files (default: reports/<experiment>)")
     parser.add_argument("--uri", help="tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     parser.add_argument("--no-log", action="store_true", help="write the files only; log no summary run")

@@ -120,8 +120,10 @@ def group_label(row: pd.Series, keys: Sequence[str]) -> str:
         value = row[key]
         if pd.isna(value) or str(value) == "None":
             continue
-        if _names_option(key):  # `distill.scheme=kd` -> `distill=kd`, `student.model._target_=...mlp` -> `student.model=mlp`
-            name, value = key.rsplit(".", 1)[0], str(value).rsplit(".", 1)[-1] if leaf == "_target_" else value
+        # `distill.scheme=kd` -> `distill=kd`, `student.model._target_=...mlp` -> `student.model=mlp`
+        if _names_option(key):
+            name, value = (key.rsplit(".", 1)[0],
+                           str(value).rsplit(".", 1)[-1] if leaf == "_target_" else value)
         else:
             name = _ABBREVIATIONS.get(key) or (leaf if leaves.count(leaf) == 1 else key)
         number = pd.to_numeric(pd.Series([value]), errors="coerce")[0]
@@ -149,9 +151,11 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
             row[f"{m} std"] = grp[m].std(ddof=1) if len(grp) > 1 else 0.0
         rows.append(row)
     summary = pd.DataFrame(rows)
-    summary = summary.sort_values([c for c in keys if c in summary] or ["runs"], key=_numeric_key).reset_index(drop=True)
+    summary = summary.sort_values([c for c in keys if c in summary] or ["runs"],
+                                  key=_numeric_key).reset_index(drop=True)
     defining = defining_keys(summary, keys)
-    summary.insert(0, "config", [group_label(r, defining) for _, r in summary.iterrows()] if keys else "all runs")
+    summary.insert(0, "config",
+                   [group_label(r, defining) for _, r in summary.iterrows()] if keys else "all runs")
     return summary
 
 
@@ -202,7 +206,8 @@ def plot_temperature(summary: pd.DataFrame, path: Path) -> Path | None:
     data["_T"] = data[TEMPERATURE].astype(float)
     others = []
     for c in summary.columns:
-        if c in (TEMPERATURE, "_T", "runs", "config") or c.endswith((" mean", " std")) or data[c].nunique() < 2:
+        if (c in (TEMPERATURE, "_T", "runs", "config") or c.endswith((" mean", " std"))
+                or data[c].nunique() < 2):
             continue
         if (data.groupby("_T")[c].nunique() <= 1).all() and data[c].nunique() == data["_T"].nunique():
             continue  # a copy of T (an interpolation such as distill.loss.temperature)
@@ -265,17 +270,21 @@ def build_report(experiment: str, sweep: str | None, folder: Path, log: bool = T
     summary = summarise(runs)
     folder.mkdir(parents=True, exist_ok=True)
     report = SweepReport(folder, runs=runs, summary=summary)
-    shown = ["run_name", *[f"params.{k}" for k in varying_params(runs)], *[m for m in METRICS if runs[m].notna().any()]]
+    shown = ["run_name", *[f"params.{k}" for k in varying_params(runs)],
+             *[m for m in METRICS if runs[m].notna().any()]]
     table = runs[shown].rename(columns=lambda c: c[len("params."):] if c.startswith("params.") else c)
     # summary.md names each configuration by its label; summary.csv also has every varying key
-    labelled = summary[[c for c in summary.columns if c in ("config", "runs") or c.endswith((" mean", " std"))]]
+    labelled = summary[[c for c in summary.columns
+                        if c in ("config", "runs") or c.endswith((" mean", " std"))]]
     for name, df, md, std in (("runs", table, table, False), ("summary", summary, labelled, True)):
         df.to_csv(folder / f"{name}.csv", index=False)
         (folder / f"{name}.md").write_text(_markdown(md, std))
         report.files += [folder / f"{name}.csv", folder / f"{name}.md"]
     for made in (plot_temperature(summary, folder / "acc_vs_temperature.png"),
-                 plot_pareto(summary, "model/size_bytes", "size of the model file (bytes)", folder / "acc_vs_size.png"),
-                 plot_pareto(summary, "latency/p50_ms", "latency p50 (ms, batch 1)", folder / "acc_vs_latency.png")):
+                 plot_pareto(summary, "model/size_bytes", "size of the model file (bytes)",
+                             folder / "acc_vs_size.png"),
+                 plot_pareto(summary, "latency/p50_ms", "latency p50 (ms, batch 1)",
+                             folder / "acc_vs_latency.png")):
         if made is not None:
             report.files.append(made)
     if log:
@@ -290,7 +299,8 @@ def _log_summary_run(experiment: str, sweep: str | None, report: SweepReport) ->
         tags[SWEEP_TAG] = sweep
     best = report.summary["test/acc mean"].max()
     with mlflow.start_run(experiment_id=exp.experiment_id, run_name="sweep-report", tags=tags) as run:
-        mlflow.log_metrics({"sweep/runs": float(len(report.runs)), "sweep/configs": float(len(report.summary)),
+        mlflow.log_metrics({"sweep/runs": float(len(report.runs)),
+                            "sweep/configs": float(len(report.summary)),
                             "sweep/best_test_acc": float(best)})
         for path in report.files:
             mlflow.log_artifact(str(path), artifact_path="report")

@@ -145,7 +145,8 @@ def run_stage(ctx: PipelineContext, stage: str, sections: Sequence[str], upstrea
                     mlflow.set_tag(REUSED_FROM_TAG, found.info.run_id)
                     log.info("stage %s: reused run %s (cache key %s)", stage, found.info.run_id, key)
                     kind = found.data.tags.get("kdpipe.model_kind", "torch")
-                    return StageOutput(stage, run_id, key, Path(local), kind=kind, reused_from=found.info.run_id)
+                    return StageOutput(stage, run_id, key, Path(local), kind=kind,
+                                       reused_from=found.info.run_id)
             pl.seed_everything(int(ctx.cfg.seed), verbose=False)
             fitter = Fitter(stage, key, run_id, ctx.tracking_uri, ctx.datamodule, ctx.workdir,
                             trainer_kwargs=ctx.section("trainer"), checkpoint_root=ctx.checkpoint_root,

@@ -21,6 +21,6 @@ def finetune_module(ctx: PipelineContext, model: nn.Module, teacher: StageOutput
     terms = ctx.cfg.distill.get("terms")
     from_teacher = getattr(instantiate(ctx.cfg.distill.scheme), "needs_teacher", True)
     if distill and teacher is not None and terms and from_teacher:
-        return DistillationModule(model, load_model(teacher.path), WeightedSum.from_config(terms), ctx.num_classes,
-                                  ctx.example_input, optim)
+        return DistillationModule(model, load_model(teacher.path), WeightedSum.from_config(terms),
+                                  ctx.num_classes, ctx.example_input, optim)
     return ClassifierModule(model, ctx.num_classes, optim)

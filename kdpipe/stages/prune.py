@@ -26,8 +26,8 @@ def prune_compute(run: StageRun, upstream: StageOutput, teacher: StageOutput | N
         run.fitter.fit(module, "finetune", epochs, callbacks, resumable=False)
 
     metrics = prune_model(pruner, schedule, finetune)
-    files = save_pruned(model, read_model_file(upstream.path)["arch"], ctx.workdir / "prune", pruner.structural,
-                        str(pcfg.get("storage", "dense")), ctx.example_input)
+    files = save_pruned(model, read_model_file(upstream.path)["arch"], ctx.workdir / "prune",
+                        pruner.structural, str(pcfg.get("storage", "dense")), ctx.example_input)
     if files.plain is not None:
         mlflow.log_artifact(str(files.plain), artifact_path="model_plain")
     mlflow.set_tag("kdpipe.prune_method", str(pcfg.method))

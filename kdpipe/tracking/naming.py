@@ -25,7 +25,8 @@ _SILENT_PREFIXES = ("eval.", "tracking", "hydra", "experiment", "hparams_search"
                     "trainer.devices", "trainer.deterministic")
 # Keys the core of the name already shows.
 _SHOWN = ("distill", "prune", "quantize", "seed")
-_SHORT = {"max_epochs": "ep", "width": "w", "lr": "lr", "weight_decay": "wd", "teacher": "t-", "checkpoint": "ckpt"}
+_SHORT = {"max_epochs": "ep", "width": "w", "lr": "lr", "weight_decay": "wd", "teacher": "t-",
+          "checkpoint": "ckpt"}
 # Hydra's escape of a special character in an override value: `runs\:/...` is `runs:/...`.
 _ESCAPED = re.compile(r"\\(.)")
 

@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
                                             "(tracking=server), e.g. ./mlartifacts")
     args = parser.parse_args(argv)
     if args.store.startswith(("http://", "https://")):
-        print(f"kdpipe-ui: error: {args.store} is already a tracking server: open it in a browser", file=sys.stderr)
+        print(f"kdpipe-ui: error: {args.store} is already a tracking server: open it in a browser",
+              file=sys.stderr)
         return 2
     cmd = server_command(args.store, args.host, args.port, args.artifacts)
     print(f"MLflow UI on http://{args.host}:{args.port} (store {args.store}); Ctrl-C stops it", flush=True)
