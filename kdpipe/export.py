@@ -5,9 +5,9 @@ so latency ratios measure compression, not the difference between eager PyTorch 
 
 An export costs seconds even for a tiny model, so two things are done once per process: the
 exporter's op registry is built once (`_cached_torchlib_registry`), and a model exported again
-with the same code, attributes, weights and example shape (the quantize stage and the evaluate
-stage both export the pruned model) is copied from its first export, which is byte-identical
-(the exporter is deterministic).
+with the same module classes, attributes, weights and example (the quantize stage and the
+evaluate stage both export the pruned model) is copied from its first export: the exporter is
+deterministic, so the bytes are those a second export would write.
 """
 
 from __future__ import annotations
