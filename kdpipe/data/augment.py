@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import kornia.augmentation as K
 from torch import nn
 
 from kdpipe.errors import ConfigError
@@ -49,6 +48,8 @@ def build_augmentation(spec: Sequence[Any] | None, in_shape: Sequence[int]) -> n
     """
     if not spec:
         return None
+    import kornia.augmentation as K  # here, not at the top: ~0.2 s of import a run without augmentation skips
+
     _, height, width = (int(v) for v in in_shape)
     ops: list[nn.Module] = []
     for name, kw in _entries(spec):

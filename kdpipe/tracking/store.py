@@ -10,7 +10,10 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
+import shutil
+import sqlite3
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -26,6 +29,8 @@ REUSED_FROM_TAG = "kdpipe.reused_from"
 ARTIFACT_TAG = "kdpipe.artifact"  # set last, only once a stage's model artefact is stored
 RUN_TYPE_TAG = "kdpipe.run_type"  # "pipeline" on the parent run, "stage" on its children
 
+log = logging.getLogger("kdpipe")
+
 
 def setup_tracking(uri: str | None, experiment: str, artifact_location: str | None = None) -> str:
     """Point MLflow at `uri` (MLflow's own default when None) and select `experiment`,
@@ -35,6 +40,7 @@ def setup_tracking(uri: str | None, experiment: str, artifact_location: str | No
     # A new SQLite store is created by migrating an empty file: two jobs starting at once on one
     # store must not both migrate it (the second fails), so the first access is serialised.
     with stage_lock("store-init"):
+        seed_sqlite_store(mlflow.get_tracking_uri())
         client = MlflowClient()
         exp = client.get_experiment_by_name(experiment)
         if exp is None:
@@ -46,6 +52,63 @@ def setup_tracking(uri: str | None, experiment: str, artifact_location: str | No
             exp_id = exp.experiment_id
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///...` URI; None for any other store or an in-memory one."""
+    if not uri.startswith("sqlite:"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    database = make_url(uri).database
+    return Path(database) if database and database != ":memory:" else None
+
+
+def seed_sqlite_store(uri: str) -> bool:
+    """Give a SQLite store that does not exist yet MLflow's empty, fully migrated schema.
+
+    MLflow creates a new SQLite store by running its ~70 schema migrations (about 2 s on 2 CPU
+    cores, every new store: each test, each fresh working directory). The result depends only
+    on the MLflow, SQLAlchemy and SQLite versions, so it is built once (by MLflow's own
+    migration code, into an empty file), kept under `$KDPIPE_CACHE_DIR/mlflow-schema/` (default
+    `~/.cache/kdpipe`), and copied to the new store's path. MLflow then opens a store at its head
+    revision and adds the Default experiment itself, exactly as after migrating. Returns whether
+    it seeded; on any problem (unwritable cache, changed MLflow internals) MLflow creates the
+    store as usual."""
+    path = _sqlite_path(uri)
+    if path is None or (path.exists() and path.stat().st_size > 0):
+        return False
+    try:
+        template = _schema_template()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        shutil.copyfile(template, tmp)
+        os.replace(tmp, path)
+    except Exception as exc:  # the usual creation path still works
+        log.debug("no schema template for %s (%s); MLflow migrates the new store", uri, exc)
+        return False
+    return True
+
+
+def _schema_template() -> Path:
+    import sqlalchemy
+    from mlflow.store.db.utils import _initialize_tables
+
+    versions = f"mlflow{mlflow.__version__}-sqlalchemy{sqlalchemy.__version__}-sqlite{sqlite3.sqlite_version}"
+    root = Path(os.environ.get("KDPIPE_CACHE_DIR", Path.home() / ".cache" / "kdpipe")) / "mlflow-schema"
+    template = root / f"{versions}.db"
+    if template.is_file():
+        return template
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{versions}.{os.getpid()}.db"
+    tmp.unlink(missing_ok=True)
+    engine = sqlalchemy.create_engine(f"sqlite:///{tmp}")
+    try:
+        _initialize_tables(engine)
+    finally:
+        engine.dispose()
+    os.replace(tmp, template)  # atomic: a parallel job sees no template or a whole one
+    return template
 
 
 def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
