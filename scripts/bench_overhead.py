@@ -7,7 +7,7 @@ and weight decay from conf/config.yaml `optim`, the cosine schedule stepped per 
 same epochs, and both validate once per epoch on the val loader:
 
 - kdpipe: the `ClassifierModule` (scratch stage) or `DistillationModule` with the KD loss of
-  conf/distill/kd.yaml (KD stage), fitted by `kdpipe.stages.train.fit`, i.e. the Trainer of
+  conf/distill/kd.yaml (KD stage), fitted by `kdpipe.training.Fitter`, i.e. the Trainer of
   `PipelineContext.trainer` (conf/trainer/default.yaml, MLflow logger on a stage run,
   ModelCheckpoint every epoch), exactly as a stage runs it;
 - plain: a hand-written loop (forward, loss, backward, step; a no-grad pass over val per epoch).
@@ -55,11 +55,12 @@ sys.path.insert(0, str(REPO))
 
 from kdpipe.cli import CONFIG_PATH, _quiet_libraries  # noqa: E402
 from kdpipe.distill.cache import cached_train_loader, compute_logits  # noqa: E402
+from kdpipe.losses import WeightedSum  # noqa: E402
 from kdpipe.models.io import build_model  # noqa: E402
 from kdpipe.modules import ClassifierModule, DistillationModule  # noqa: E402
 from kdpipe.stages.base import PipelineContext  # noqa: E402
-from kdpipe.stages.train import fit, optim_kwargs  # noqa: E402
 from kdpipe.tracking.store import setup_tracking  # noqa: E402
+from kdpipe.training import Fitter  # noqa: E402
 
 STAGES = ("scratch", "kd", "kd_live")
 
@@ -67,11 +68,10 @@ STAGES = ("scratch", "kd", "kd_live")
 def build_kdpipe_module(ctx: PipelineContext, stage: str, student: nn.Module, teacher: nn.Module) -> pl.LightningModule:
     """The kdpipe LightningModule of a stage, built as kdpipe.distill.schemes builds it (the one
     place to adapt when the modules' optimiser arguments change)."""
-    optim = optim_kwargs(ctx)
     if stage == "scratch":
-        return ClassifierModule(student, ctx.num_classes, **optim)
-    return DistillationModule(student, teacher, instantiate(ctx.cfg.distill.loss), ctx.num_classes,
-                              ctx.example_input, **optim)
+        return ClassifierModule(student, ctx.num_classes, ctx.optim())
+    return DistillationModule(student, teacher, WeightedSum.from_config(ctx.cfg.distill.terms), ctx.num_classes,
+                              ctx.example_input, ctx.optim())
 
 
 def plain_optimizer(cfg, model: nn.Module, epochs: int):
@@ -132,12 +132,14 @@ class EpochTimer(pl.Callback):
 
 def kdpipe_fit(ctx: PipelineContext, stage: str, student: nn.Module, teacher: nn.Module, train: DataLoader | None,
                epochs: int, n: int) -> float:
-    """One stage fit through kdpipe.stages.train.fit, in its own MLflow run and checkpoint folder."""
+    """One stage fit through kdpipe.training.Fitter, in its own MLflow run and checkpoint folder."""
     module = build_kdpipe_module(ctx, stage, student, teacher)
     timer = EpochTimer()
-    ctx.keys[stage] = f"bench-{stage}-{n}"  # run_stage sets the stage's cache key: checkpoints go there
     with mlflow.start_run(run_name=stage) as run:
-        fit(ctx, stage, run.info.run_id, module, epochs, [timer], train_loader=train)
+        fitter = Fitter(stage, f"bench-{stage}-{n}", run.info.run_id, ctx.tracking_uri, ctx.datamodule, ctx.workdir,
+                        trainer_kwargs=ctx.section("trainer"), checkpoint_root=ctx.checkpoint_root,
+                        callbacks=ctx.section("callbacks") or {})
+        fitter.fit(module, "student", epochs, [timer], train_loader=train)
     return timer.seconds
 
 
@@ -186,7 +188,7 @@ def main() -> None:
           f"{torch.get_num_threads()}; trainer {dict(ctx.section('trainer'))}", flush=True)
 
     def loaders(stage: str):
-        train = cached_train_loader(ctx, logits) if stage == "kd" else None  # None: the data module's loader
+        train = cached_train_loader(dm, logits) if stage == "kd" else None  # None: the data module's loader
         return train, (train or dm.train_dataloader())
 
     def run(side: str, stage: str, n: int) -> tuple[float, float]:

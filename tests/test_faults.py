@@ -115,7 +115,7 @@ def test_a_killed_job_run_again_reuses_finished_stages_and_resumes_the_interrupt
     assert not any(ckpt_root.iterdir())  # a finished stage needs no checkpoint
 
 
-MULTI_FIT = [*FAST, "data.num_samples=4096", "data.batch_size=64", "teacher.max_epochs=1",
+MULTI_FIT = [*FAST, "data.num_samples=2048", "data.batch_size=64", "teacher.max_epochs=1",
              "distill.max_epochs=3", "prune=none", "quantize=none"]
 
 
