@@ -160,7 +160,7 @@ def _agp_bounds(cfg: DictConfig) -> None:
 
 def check_config(cfg: DictConfig) -> None:
     """Raise `ConfigError` on the first key of `cfg` outside its range in `RANGES`. Values written
-    in place are checked before interpolations (`distill.loss.temperature: ${..temperature}`),
+    in place are checked before interpolations (`distill.terms.kd.temperature: ${...temperature}`),
     so the message names the key the user set."""
     leaves = [leaf for leaf in _leaves(cfg) if not leaf[0].startswith("hydra.")]
     for key, value, _ in sorted(leaves, key=lambda leaf: leaf[2]):

@@ -181,8 +181,9 @@ def breakdown(result: dict, runs: dict[str, tuple[float, float]], wall: float) -
         if stage not in runs:
             continue
         s0, s1 = runs[stage]
-        rows["between stage runs (lock, reuse query)"] = rows.get("between stage runs (lock, reuse query)", 0.0) \
-            + (s0 - prev)
+        rows["between stage runs (lock, reuse query)"] = (
+            rows.get("between stage runs (lock, reuse query)", 0.0) + (s0 - prev)
+        )
         rows[f"stage {stage}"] = s1 - s0
         parts(stage, stage)
         prev = s1
@@ -204,7 +205,8 @@ def run_once(argv: list[str], keep: bool, cold_cache: bool, what_if: list[str]) 
     out = tmp / "bench.json"
     env["BENCH_T0"] = repr(time.time())
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", str(out), *what_if, "--", *argv],
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", str(out), *what_if,
+                           "--", *argv],
                           cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -225,14 +227,16 @@ def main() -> None:
                     help="a fresh KDPIPE_CACHE_DIR per run (else the user's, as a real run sees it)")
     ap.add_argument("--json", type=Path, help="also write every run's rows here")
     ap.add_argument("--torch-threads", type=int, help="what if: torch.set_num_threads(N) before the run")
-    ap.add_argument("--gc-freeze-at-exit", action="store_true", help="what if: gc.freeze() once the run is done")
+    ap.add_argument("--gc-freeze-at-exit", action="store_true",
+                    help="what if: gc.freeze() once the run is done")
     ap.add_argument("--gc-off-during-imports", action="store_true",
                     help="what if: gc.disable() while importing, then gc.freeze(); gc.enable()")
     ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="kdpipe overrides (after --)")
     args = ap.parse_args()
     if args.child:
-        child(args.child, args.overrides, args.torch_threads, args.gc_freeze_at_exit, args.gc_off_during_imports)
+        child(args.child, args.overrides, args.torch_threads, args.gc_freeze_at_exit,
+              args.gc_off_during_imports)
         return
     what_if = ([f"--torch-threads={args.torch_threads}"] if args.torch_threads else []) + \
         (["--gc-freeze-at-exit"] if args.gc_freeze_at_exit else []) + \
@@ -243,7 +247,8 @@ def main() -> None:
         print(f"run {i + 1}/{args.repeats}: {runs[-1]['TOTAL wall']:.1f} s wall", file=sys.stderr, flush=True)
     labels = list(dict.fromkeys(label for rows in runs for label in rows))
     width = max(len(label) for label in labels)
-    print(f"kdpipe {' '.join(args.overrides)}".rstrip() + f"  {' '.join(what_if)}  ({args.repeats} run(s), {os.cpu_count()} CPUs; "
+    print(f"kdpipe {' '.join(args.overrides)}".rstrip()
+          + f"  {' '.join(what_if)}  ({args.repeats} run(s), {os.cpu_count()} CPUs; "
           "median seconds" + (", min-max" if args.repeats > 1 else "") + ")")
     for label in labels:
         values = [rows.get(label, 0.0) for rows in runs]

@@ -13,7 +13,7 @@ same epochs, and both validate once per epoch on the val loader:
 - plain: a hand-written loop (forward, loss, backward, step; a no-grad pass over val per epoch).
 
 The KD stage runs as the default pipeline runs it: teacher logits precomputed once
-(`distill.cache_teacher=auto`) and read from the batches; `kd_live` runs the teacher every step.
+(`distill.scheme.cache_teacher=auto`) and read from the batches; `kd_live` runs the teacher every step.
 Rounds alternate which side goes first. Reported: training samples/s over the whole fit
 (Trainer construction, validation, checkpoints and logging included: what a user waits for)
 and over the training epochs alone, medians over the rounds, and the kdpipe/plain ratio
@@ -65,19 +65,22 @@ from kdpipe.training import Fitter  # noqa: E402
 STAGES = ("scratch", "kd", "kd_live")
 
 
-def build_kdpipe_module(ctx: PipelineContext, stage: str, student: nn.Module, teacher: nn.Module) -> pl.LightningModule:
+def build_kdpipe_module(ctx: PipelineContext, stage: str, student: nn.Module,
+                        teacher: nn.Module) -> pl.LightningModule:
     """The kdpipe LightningModule of a stage, built as kdpipe.distill.schemes builds it (the one
     place to adapt when the modules' optimiser arguments change)."""
     if stage == "scratch":
         return ClassifierModule(student, ctx.num_classes, ctx.optim())
-    return DistillationModule(student, teacher, WeightedSum.from_config(ctx.cfg.distill.terms), ctx.num_classes,
-                              ctx.example_input, ctx.optim())
+    return DistillationModule(student, teacher, WeightedSum.from_config(ctx.cfg.distill.terms),
+                              ctx.num_classes, ctx.example_input, ctx.optim())
 
 
 def plain_optimizer(cfg, model: nn.Module, epochs: int):
     """AdamW with conf/config.yaml `optim`, cosine over the epochs as ClassifierModule schedules it."""
-    opt = torch.optim.AdamW(model.parameters(), lr=float(cfg.optim.lr), weight_decay=float(cfg.optim.weight_decay))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.5 * (1 + math.cos(math.pi * min(e, epochs) / epochs)))
+    opt = torch.optim.AdamW(model.parameters(), lr=float(cfg.optim.lr),
+                            weight_decay=float(cfg.optim.weight_decay))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda e: 0.5 * (1 + math.cos(math.pi * min(e, epochs) / epochs)))
     return opt, sched
 
 
@@ -102,8 +105,8 @@ def plain_fit(cfg, stage: str, student: nn.Module, teacher: nn.Module, train: Da
                 else:
                     with torch.no_grad():
                         t_logits = teacher(x)
-                kd = F.kl_div(F.log_softmax(logits / T, -1), F.log_softmax(t_logits / T, -1), reduction="batchmean",
-                              log_target=True) * T * T
+                kd = F.kl_div(F.log_softmax(logits / T, -1), F.log_softmax(t_logits / T, -1),
+                              reduction="batchmean", log_target=True) * T * T
                 loss = alpha * kd + (1 - alpha) * F.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -130,14 +133,15 @@ class EpochTimer(pl.Callback):
         self.seconds += time.perf_counter() - self._t0
 
 
-def kdpipe_fit(ctx: PipelineContext, stage: str, student: nn.Module, teacher: nn.Module, train: DataLoader | None,
-               epochs: int, n: int) -> float:
+def kdpipe_fit(ctx: PipelineContext, stage: str, student: nn.Module, teacher: nn.Module,
+               train: DataLoader | None, epochs: int, n: int) -> float:
     """One stage fit through kdpipe.training.Fitter, in its own MLflow run and checkpoint folder."""
     module = build_kdpipe_module(ctx, stage, student, teacher)
     timer = EpochTimer()
     with mlflow.start_run(run_name=stage) as run:
-        fitter = Fitter(stage, f"bench-{stage}-{n}", run.info.run_id, ctx.tracking_uri, ctx.datamodule, ctx.workdir,
-                        trainer_kwargs=ctx.section("trainer"), checkpoint_root=ctx.checkpoint_root,
+        fitter = Fitter(stage, f"bench-{stage}-{n}", run.info.run_id, ctx.tracking_uri, ctx.datamodule,
+                        ctx.workdir, trainer_kwargs=ctx.section("trainer"),
+                        checkpoint_root=ctx.checkpoint_root,
                         callbacks=ctx.section("callbacks") or {})
         fitter.fit(module, "student", epochs, [timer], train_loader=train)
     return timer.seconds
@@ -155,7 +159,8 @@ def tile(ds: TensorDataset, k: int) -> TensorDataset:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="digits", help="a conf/data option (digits, fashion_mnist, synthetic)")
-    ap.add_argument("--repeat-data", type=int, default=1, help="tile the train and val splits this many times")
+    ap.add_argument("--repeat-data", type=int, default=1,
+                    help="tile the train and val splits this many times")
     ap.add_argument("--limit-train", type=int, default=None, help="data.limit_train (fashion_mnist)")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
@@ -183,8 +188,9 @@ def main() -> None:
     teacher = build_model(OmegaConf.to_container(cfg.teacher.model, resolve=True)).eval()
     logits = compute_logits(teacher, dm.train_set)
     n_train = len(dm.train_set)
-    print(f"{args.data} x{args.repeat_data}: {n_train} training samples, {len(dm.train_dataloader())} batches of "
-          f"{dm.batch_size}, {len(dm.val_set)} val samples; {args.epochs} epochs; torch threads "
+    print(f"{args.data} x{args.repeat_data}: {n_train} training samples, "
+          f"{len(dm.train_dataloader())} batches of {dm.batch_size}, {len(dm.val_set)} val samples; "
+          f"{args.epochs} epochs; torch threads "
           f"{torch.get_num_threads()}; trainer {dict(ctx.section('trainer'))}", flush=True)
 
     def loaders(stage: str):
@@ -234,8 +240,8 @@ def main() -> None:
             train_s = statistics.median(v[1] for v in vals)
             spread = f"{min(v[0] for v in vals):.2f}-{max(v[0] for v in vals):.2f}"
             ratios = f"| {ratio_fit:.2f} | {ratio_train:.2f} |" if side == "kdpipe" else "| | |"
-            print(f"| {stage} | {side} | {samples / fit_s:,.0f} | {samples / train_s:,.0f} | {fit_s:.2f} ({spread}) "
-                  f"{ratios}")
+            print(f"| {stage} | {side} | {samples / fit_s:,.0f} | {samples / train_s:,.0f} | "
+                  f"{fit_s:.2f} ({spread}) {ratios}")
 
 
 if __name__ == "__main__":

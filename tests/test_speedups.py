@@ -57,7 +57,9 @@ def test_the_export_fingerprint_covers_attributes_and_refuses_hooks():
 
 def _schema(db) -> list[str]:
     with sqlite3.connect(db) as con:
-        rows = con.execute("SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'").fetchall()
+        rows = con.execute(
+            "SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'"
+        ).fetchall()
         rows += [("alembic", v, "") for (v,) in con.execute("SELECT version_num FROM alembic_version")]
     return sorted(map(str, rows))
 
@@ -88,7 +90,8 @@ def test_the_batched_loaders_give_the_batches_of_a_plain_dataloader():
         return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen)
 
     triple = TensorDataset(*dm.train_set.tensors, torch.randn(len(dm.train_set), 4))
-    pairs = [(plain(dm.train_set, True, 32), dm.train_dataloader()), (plain(dm.val_set, False, 512), dm.val_dataloader()),
+    pairs = [(plain(dm.train_set, True, 32), dm.train_dataloader()),
+             (plain(dm.val_set, False, 512), dm.val_dataloader()),
              (plain(triple, True, 32), dm._loader(triple, shuffle=True))]
     for expected, got in pairs:
         for _epoch in range(2):  # the second epoch's order too

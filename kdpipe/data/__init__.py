@@ -7,5 +7,5 @@ from kdpipe.data.idx import IDXDataModule
 from kdpipe.data.image_folder import ImageFolderDataModule
 from kdpipe.data.synthetic import SyntheticDataModule
 
-__all__ = ["TensorDataModule", "CIFARDataModule", "DigitsDataModule", "IDXDataModule", "ImageFolderDataModule",
-           "SyntheticDataModule"]
+__all__ = ["TensorDataModule", "CIFARDataModule", "DigitsDataModule", "IDXDataModule",
+           "ImageFolderDataModule", "SyntheticDataModule"]

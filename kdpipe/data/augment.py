@@ -28,7 +28,8 @@ def _entries(spec: Sequence[Any]) -> list[tuple[str, dict]]:
             name, kwargs = next(iter(item.items()))
             kwargs = dict(kwargs or {})
         else:
-            raise ConfigError(f"data.augment entry {item!r} must be a name or {{name: {{options}}}}; names: {', '.join(KNOWN)}")
+            raise ConfigError(f"data.augment entry {item!r} must be a name or {{name: {{options}}}}; "
+                              f"names: {', '.join(KNOWN)}")
         if name not in KNOWN:
             raise ConfigError(f"data.augment: unknown augmentation {name!r}; choose from {', '.join(KNOWN)}")
         out.append((name, kwargs))

@@ -97,7 +97,8 @@ class TensorDataModule(pl.LightningDataModule):
             perm = torch.randperm(len(y), generator=gen)
             n_test = int(round(len(y) * self.test_fraction))
             n_val = int(round(len(y) * self.val_fraction))
-            test_idx, val_idx, train_idx = perm[:n_test], perm[n_test : n_test + n_val], perm[n_test + n_val :]
+            test_idx, val_idx, train_idx = (perm[:n_test], perm[n_test : n_test + n_val],
+                                            perm[n_test + n_val :])
             splits = {"train": (x[train_idx], y[train_idx]), "val": (x[val_idx], y[val_idx]),
                       "test": (x[test_idx], y[test_idx])}
         elif "val" not in splits:
@@ -159,7 +160,8 @@ class TensorDataModule(pl.LightningDataModule):
                 f"channels/height/width = {self.in_shape}; fix data.channels, data.height, data.width"
             )
         if int(y.max()) >= self.num_classes:
-            raise ConfigError(f"the data has labels up to {int(y.max())} but data.num_classes={self.num_classes}")
+            raise ConfigError(f"the data has labels up to {int(y.max())} "
+                              f"but data.num_classes={self.num_classes}")
 
     def example_input(self, batch: int = 1) -> torch.Tensor:
         return torch.zeros(batch, *self.in_shape)
@@ -169,8 +171,9 @@ class TensorDataModule(pl.LightningDataModule):
         batch at a time (BatchTensorDataset): same sampler, same batches, less time."""
         gen = torch.Generator().manual_seed(self.seed) if shuffle else None
         batched = type(ds) in (TensorDataset, BatchTensorDataset)  # a subclass's own __getitem__ is honoured
-        return DataLoader(BatchTensorDataset(*ds.tensors) if batched else ds, batch_size=batch_size or self.batch_size,
-                          shuffle=shuffle, num_workers=self.num_workers, generator=gen,
+        return DataLoader(BatchTensorDataset(*ds.tensors) if batched else ds,
+                          batch_size=batch_size or self.batch_size, shuffle=shuffle,
+                          num_workers=self.num_workers, generator=gen,
                           collate_fn=collate_batch if batched else None)
 
     def train_dataloader(self) -> DataLoader:

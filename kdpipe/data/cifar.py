@@ -60,7 +60,8 @@ def write_batch(images: np.ndarray, labels: np.ndarray, path: str | Path, label_
     path = Path(path)
     images = np.asarray(images, dtype=np.uint8)
     batch = {b"batch_label": b"kdpipe", label_key.encode(): [int(v) for v in labels],
-             b"data": images.reshape(len(images), -1), b"filenames": [f"{i}.png".encode() for i in range(len(images))]}
+             b"data": images.reshape(len(images), -1),
+             b"filenames": [f"{i}.png".encode() for i in range(len(images))]}
     with open(path, "wb") as fh:
         pickle.dump(batch, fh, protocol=2)
     return path
@@ -71,8 +72,8 @@ class CIFARDataModule(TensorDataModule):
     fine labels). `root` is the extracted archive folder or its parent. The official test split
     is kept; val is drawn from train with the seed; `limit_train` caps the training set."""
 
-    def __init__(self, root: str, variant: str = "cifar10", channels: int = 3, height: int = 32, width: int = 32,
-                 num_classes: int = 10, limit_train: int | None = None, **kwargs) -> None:
+    def __init__(self, root: str, variant: str = "cifar10", channels: int = 3, height: int = 32,
+                 width: int = 32, num_classes: int = 10, limit_train: int | None = None, **kwargs) -> None:
         super().__init__(channels, height, width, num_classes, **kwargs)
         if variant not in LAYOUTS:
             raise ConfigError(f"data.variant={variant} is not one of {', '.join(LAYOUTS)}")
@@ -93,7 +94,8 @@ class CIFARDataModule(TensorDataModule):
         if missing:
             url = self.layout["url"]
             raise ConfigError(
-                f"data.root={self.root} lacks the {self.variant} batch files {', '.join(missing)}. Get them with: "
+                f"data.root={self.root} lacks the {self.variant} batch files {', '.join(missing)}. "
+                f"Get them with: "
                 f"mkdir -p {self.root} && curl -L {url} | tar xz -C {self.root}  "
                 f"(or point data.root at the extracted {self.layout['folder']} folder)")
         return files

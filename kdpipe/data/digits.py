@@ -11,7 +11,8 @@ from kdpipe.data.base import TensorDataModule
 class DigitsDataModule(TensorDataModule):
     """1,797 grey 8x8 images of the digits 0-9 (UCI optical recognition set)."""
 
-    def __init__(self, channels: int = 1, height: int = 8, width: int = 8, num_classes: int = 10, **kwargs) -> None:
+    def __init__(self, channels: int = 1, height: int = 8, width: int = 8, num_classes: int = 10,
+                 **kwargs) -> None:
         super().__init__(channels, height, width, num_classes, **kwargs)
 
     def load(self) -> tuple[torch.Tensor, torch.Tensor]:

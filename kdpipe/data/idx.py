@@ -38,7 +38,8 @@ def read_idx(path: str | Path) -> np.ndarray:
     expected = int(np.prod(shape)) * dtype.itemsize
     body = data[4 + 4 * ndim :]
     if len(body) != expected:
-        raise ValueError(f"{path}: header says {shape} of {dtype} ({expected} bytes) but {len(body)} bytes follow")
+        raise ValueError(f"{path}: header says {shape} of {dtype} ({expected} bytes) "
+                         f"but {len(body)} bytes follow")
     return np.frombuffer(body, dtype=dtype).reshape(shape)
 
 
@@ -69,8 +70,8 @@ class IDXDataModule(TensorDataModule):
     not). The official train/test split is kept; val is drawn from train with the seed.
     `limit_train` caps the training set for quick runs."""
 
-    def __init__(self, root: str, install_hint: str = "", channels: int = 1, height: int = 28, width: int = 28,
-                 num_classes: int = 10, limit_train: int | None = None, **kwargs) -> None:
+    def __init__(self, root: str, install_hint: str = "", channels: int = 1, height: int = 28,
+                 width: int = 28, num_classes: int = 10, limit_train: int | None = None, **kwargs) -> None:
         super().__init__(channels, height, width, num_classes, **kwargs)
         self.root = Path(os.path.expanduser(str(root)))
         self.install_hint = install_hint

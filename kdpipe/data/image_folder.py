@@ -30,7 +30,8 @@ def list_images(folder: Path, classes: list[str]) -> list[tuple[Path, int]]:
         sub = folder / name
         if not sub.is_dir():
             continue
-        items += [(p, idx) for p in sorted(sub.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+        items += [(p, idx) for p in sorted(sub.rglob("*"))
+                  if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
     return items
 
 
@@ -52,7 +53,8 @@ class ImageFolderDataModule(TensorDataModule):
     def layout(self) -> dict[str, list[tuple[Path, int]]]:
         """The image files of each split found on disk (`all` when there are no split folders)."""
         if not self.root.is_dir():
-            raise ConfigError(f"data.root={self.root} is not a folder; give a folder with one sub-folder per class")
+            raise ConfigError(f"data.root={self.root} is not a folder; "
+                              "give a folder with one sub-folder per class")
         train_dir = self.root / "train"
         base = train_dir if train_dir.is_dir() else self.root
         classes = list_classes(base)

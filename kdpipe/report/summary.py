@@ -6,7 +6,8 @@ from rich.console import Console
 from rich.table import Table
 
 
-def print_summary(rows: list[dict], parent: dict[str, float], ui_command: str, console: Console | None = None) -> None:
+def print_summary(rows: list[dict], parent: dict[str, float], ui_command: str,
+                  console: Console | None = None) -> None:
     console = console or Console(stderr=False)
     table = Table(title="kdpipe: models of this pipeline")
     for col in ("stage", "test acc", "params", "nonzero", "size", "FLOPs", "p50 ms"):
@@ -26,7 +27,8 @@ def print_summary(rows: list[dict], parent: dict[str, float], ui_command: str, c
         reference = "teacher" if rows[0]["stage"] == "teacher" else rows[0]["stage"]
         console.print(
             f"compression vs {reference}: {parent['compression/ratio']:.2f}x smaller, "
-            f"{parent['compression/speedup']:.2f}x faster, accuracy drop {parent['compression/acc_drop']:.2f} points"
+            f"{parent['compression/speedup']:.2f}x faster, "
+            f"accuracy drop {parent['compression/acc_drop']:.2f} points"
         )
     for note in pitfall_notes(rows):
         console.print(f"[yellow]note:[/yellow] {note}")

@@ -81,7 +81,7 @@ def load_runs(experiment: str, sweep: str | None = None) -> pd.DataFrame:
 
 def varying_params(runs: pd.DataFrame) -> list[str]:
     """The config keys (without `params.`) whose value differs between runs; of keys that hold
-    the same values (`distill.loss.temperature` interpolates `distill.temperature`) the shortest."""
+    the same values (`distill.terms.kd.temperature` interpolates `distill.temperature`) the shortest."""
     cols = [c for c in runs.columns if c.startswith("params.") and runs[c].astype(str).nunique() > 1]
     kept: dict[tuple, str] = {}
     for col in sorted(cols, key=lambda c: (c.count("."), c)):
@@ -93,7 +93,7 @@ def varying_params(runs: pd.DataFrame) -> list[str]:
 def defining_keys(summary: pd.DataFrame, keys: Sequence[str]) -> list[str]:
     """The fewest of `keys` whose values tell the rows of `summary` apart, keys that name a config
     option (`distill.scheme`) first, then the shortest: the others follow from them (the scheme
-    decides `distill.beta`; `distill.loss.temperature` copies `distill.temperature`)."""
+    decides `distill.terms.nckd.weight`; `distill.terms.kd.temperature` copies `distill.temperature`)."""
     ranked = sorted(keys, key=lambda k: (not _names_option(k), k.count("."), keys.index(k)))
     chosen: list[str] = []
 
@@ -210,7 +210,7 @@ def plot_temperature(summary: pd.DataFrame, path: Path) -> Path | None:
                 or data[c].nunique() < 2):
             continue
         if (data.groupby("_T")[c].nunique() <= 1).all() and data[c].nunique() == data["_T"].nunique():
-            continue  # a copy of T (an interpolation such as distill.loss.temperature)
+            continue  # a copy of T (an interpolation such as distill.terms.kd.temperature)
         if any((data.groupby(o)[c].nunique() <= 1).all() for o in others):
             continue  # a copy of a key already shown
         others.append(c)

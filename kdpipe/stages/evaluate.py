@@ -42,7 +42,9 @@ def measure(ctx: PipelineContext, out: StageOutput) -> dict[str, float]:
                           batch_size=int(ecfg.throughput_batch_size), threads=1)
     return {
         "test/acc": float((logits.argmax(-1) == target).float().mean()),
-        "test/ece": float(multiclass_calibration_error(logits.softmax(-1), target, ctx.num_classes, n_bins=15)),
+        "test/ece": float(
+            multiclass_calibration_error(logits.softmax(-1), target, ctx.num_classes, n_bins=15)
+        ),
         "model/params": float(params),
         "model/nonzero_params": float(nonzero),
         "model/size_bytes": float(Path(out.path).stat().st_size),
