@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import logging
 import os
@@ -14,6 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from kdpipe.errors import ConfigError
+from kdpipe.locks import LockError, lock_dir
 
 _SOURCE_CONF = Path(__file__).resolve().parent.parent / "conf"
 CONFIG_PATH = str(_SOURCE_CONF) if (_SOURCE_CONF / "config.yaml").is_file() else "pkg://kdpipe.conf"
@@ -51,7 +53,7 @@ def main(cfg: DictConfig) -> float | None:
         validate(cfg)
         with on_sigterm():
             metrics = run_pipeline(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except ConfigError as exc:
+    except (ConfigError, LockError) as exc:
         print(f"kdpipe: error: {exc}", file=sys.stderr)
         sys.exit(2)
     except (Terminated, SIGTERMException):
@@ -62,6 +64,13 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(128 + 15)
     except FloatingPointError as exc:  # the stage run is already marked FAILED
         print(f"kdpipe: error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as exc:  # the disk filled up or went read-only mid-run: the runs are marked FAILED
+        if exc.errno not in (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM):
+            raise
+        where = f" writing {exc.filename}" if exc.filename else ""
+        print(f"kdpipe: error: {exc.strerror}{where}; free space or point hydra.run.dir, checkpoint_dir and "
+              f"tracking.uri at a writable file system, then run the same command again", file=sys.stderr)
         sys.exit(1)
     return metrics.get(cfg.get("optimized_metric") or "test/acc")
 
@@ -74,7 +83,8 @@ def entry() -> None:
 
     try:
         check(sys.argv[1:], CONFIG_PATH)
-    except ConfigError as exc:
+        lock_dir()  # a lock folder another user planted fails here, not after the imports
+    except (ConfigError, LockError) as exc:
         print(f"kdpipe: error: {exc}", file=sys.stderr)
         sys.exit(2)
     main()

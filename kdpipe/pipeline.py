@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from kdpipe.export import export_onnx
-from kdpipe.faults import owner_tags
+from kdpipe.faults import fault_point, owner_tags, reap_orphans, stop_if_terminated
 from kdpipe.models.io import load_model
 from kdpipe.report.plots import accuracy_vs_size
 from kdpipe.report.summary import print_summary
@@ -22,7 +22,7 @@ from kdpipe.stages.base import PipelineContext, StageOutput
 from kdpipe.stages.evaluate import run_evaluate, write_tables
 from kdpipe.stages.prune import run_prune
 from kdpipe.stages.quantize import run_quantize
-from kdpipe.stages.train import run_distill, run_teacher
+from kdpipe.stages.train import fetch_teacher_checkpoint, run_distill, run_teacher
 from kdpipe.tracking.naming import SWEEP_TAG, run_name, sweep_id
 from kdpipe.tracking.store import RUN_TYPE_TAG, flatten, log_flat_params, setup_tracking
 
@@ -82,12 +82,18 @@ def _run_identity(cfg: DictConfig) -> tuple[str, dict[str, str]]:
 
 def run_pipeline(cfg: DictConfig, workdir: Path) -> dict[str, float]:
     """Run every stage that is not `none`; return the parent run's metrics."""
-    uri = cfg.tracking.uri or mlflow.get_tracking_uri()
-    setup_tracking(uri, cfg.tracking.experiment, cfg.tracking.get("artifact_location"))
+    # Everything that can be wrong with the input is found before the first run is created: the
+    # data (loaded and checked), then the store, then a teacher checkpoint held in the store.
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
+    uri = cfg.tracking.uri or mlflow.get_tracking_uri()
+    setup_tracking(uri, cfg.tracking.experiment, cfg.tracking.get("artifact_location"))
+    reap_orphans()  # runs a killed job left RUNNING, in any stage or after the last one
+    teacher_file = None
+    if cfg.get("teacher") is not None and cfg.teacher.get("checkpoint"):
+        teacher_file = fetch_teacher_checkpoint(str(cfg.teacher.checkpoint))
     workdir.mkdir(parents=True, exist_ok=True)
-    ctx = PipelineContext(cfg, datamodule, workdir, mlflow.get_tracking_uri())
+    ctx = PipelineContext(cfg, datamodule, workdir, mlflow.get_tracking_uri(), teacher_file)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     name, tags = _run_identity(cfg)
     with mlflow.start_run(run_name=name, tags={**tags, **owner_tags()}) as parent:
@@ -118,7 +124,9 @@ def run_pipeline(cfg: DictConfig, workdir: Path) -> dict[str, float]:
                 onnx_path = export_onnx(load_model(shipped.path), ctx.example_input, Path(tmp) / "model.onnx")
                 mlflow.log_artifact(str(onnx_path), artifact_path="model_onnx")
         example = datamodule.example_input(1).numpy()
+        fault_point("log-model")
         log_final_model(shipped, example)
         mlflow.set_tag("kdpipe.final_stage", final["stage"])
+        stop_if_terminated()  # a SIGTERM during the final logging still ends the job 143
     print_summary(rows, parent_metrics, ui_command(ctx.tracking_uri))
     return parent_metrics

@@ -21,7 +21,7 @@ from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 
-from kdpipe.faults import checkpoint_dir, fitting, resume_from
+from kdpipe.faults import checkpoint_dir, resume_from, stop_if_terminated
 
 log = logging.getLogger("kdpipe")
 
@@ -119,16 +119,17 @@ class Fitter:
         trainer = self.trainer(name, max_epochs, callbacks)
         ckpt = resume_from(self.checkpoint_root, self.checkpoint_key(name), f"{self.stage}/{name}",
                            max_epochs, self.interrupted) if (self.resume and resumable) else None
+        stop_if_terminated()
         try:
-            with fitting():
-                if train_loader is None:
-                    trainer.fit(module, datamodule=self.datamodule, ckpt_path=ckpt, weights_only=True)
-                else:
-                    trainer.fit(module, train_dataloaders=train_loader,
-                                val_dataloaders=self.datamodule.val_dataloader(), ckpt_path=ckpt,
-                                weights_only=True)
+            if train_loader is None:
+                trainer.fit(module, datamodule=self.datamodule, ckpt_path=ckpt, weights_only=True)
+            else:
+                trainer.fit(module, train_dataloaders=train_loader,
+                            val_dataloaders=self.datamodule.val_dataloader(), ckpt_path=ckpt,
+                            weights_only=True)
         except FloatingPointError as exc:  # a diverged loss: say which stage, keep the term and epoch
             raise FloatingPointError(f"stage {self.stage}, fit {name}: {exc}") from exc
+        stop_if_terminated()  # SIGTERM during validation, or after the last batch
         return trainer
 
 

@@ -29,6 +29,8 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
+from kdpipe.faults import stop_if_terminated
+
 CALIBRATION_METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                        "percentile": CalibrationMethod.Percentile}
 
@@ -99,6 +101,7 @@ def quantize_static_int8(fp32_onnx: str | Path, out_path: str | Path, loader: It
     # Read the calibration batches first so that an empty set is refused before ORT runs.
     batches = []
     while (item := reader.get_next()) is not None:
+        stop_if_terminated()
         batches.append(item)
     check_calibration_size(reader.samples, min_samples)
     replay = iter(batches)

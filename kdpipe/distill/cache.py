@@ -72,13 +72,16 @@ def teacher_train_logits(datamodule, workdir: Path, source: str, teacher_key: st
         if name in stored:
             local = mlflow.artifacts.download_artifacts(run_id=source, artifact_path=f"{ARTIFACT_DIR}/{name}",
                                                         dst_path=str(local_dir))
-            logits = torch.load(local, map_location="cpu", weights_only=True)
+            try:
+                logits = torch.load(local, map_location="cpu", weights_only=True)
+            except Exception:  # a truncated or corrupt file: recompute below
+                logits = None
             if isinstance(logits, torch.Tensor) and len(logits) == n:
                 mlflow.set_tag(CACHE_TAG, "reused")
                 log.info("distill: teacher logits reused from run %s", source)
                 return logits
-            log.warning("distill: cached teacher logits of run %s do not match the training set; "
-                        "recomputing", source)
+            log.warning("distill: cached teacher logits of run %s are unreadable or do not match the "
+                        "training set; recomputing", source)
         logits = compute_logits(teacher, datamodule.train_set)
         local_dir.mkdir(parents=True, exist_ok=True)
         path = local_dir / name

@@ -16,15 +16,18 @@ from omegaconf import DictConfig, OmegaConf
 import kdpipe
 from kdpipe.data.augment import build_augmentation
 from kdpipe.data.base import TensorDataModule
-from kdpipe.faults import clear_checkpoints, interrupted_runs, owner_tags
+from kdpipe.faults import clear_checkpoints, fault_point, interrupted_runs, owner_tags
 from kdpipe.tracking.naming import SWEEP_TAG
 from kdpipe.tracking.store import (
+    ARTIFACT_SHA256_TAG,
     ARTIFACT_TAG,
     CACHE_KEY_TAG,
     REUSED_FROM_TAG,
     RUN_TYPE_TAG,
     STAGE_TAG,
     cache_key,
+    fetch_verified_artifact,
+    file_sha256,
     find_reusable_run,
     stage_lock,
 )
@@ -32,8 +35,14 @@ from kdpipe.training import Fitter, Optim
 
 log = logging.getLogger("kdpipe")
 
-# Trainer keys that change how a run looks, not what it computes: left out of cache keys.
-COSMETIC_TRAINER_KEYS = {"enable_progress_bar", "enable_model_summary", "log_every_n_steps"}
+# Keys that change how a run looks or what it says, or only name what the key holds otherwise: left
+# out of cache keys.
+MESSAGE_ONLY_KEYS = {
+    "trainer": {"enable_progress_bar", "enable_model_summary", "log_every_n_steps"},
+    "prune": {"one_shot_warn_above"},  # the threshold of a warning
+    "data": {"num_workers"},  # the same seeded batches, loaded by more processes
+    "teacher": {"checkpoint"},  # the file's reference: run_teacher keys on the file's content instead
+}
 
 
 @dataclass
@@ -68,6 +77,7 @@ class PipelineContext:
     datamodule: TensorDataModule
     workdir: Path
     tracking_uri: str
+    teacher_file: Path | None = None  # `teacher.checkpoint` fetched to a local file
 
     @property
     def checkpoint_root(self) -> str:
@@ -106,16 +116,86 @@ class StageRun:
     fitter: Fitter
 
 
+def computed_trainer(trainer: dict[str, Any]) -> dict[str, Any]:
+    """The Trainer settings as Lightning resolves them on this machine, so that spellings which
+    compute the same (`accelerator=auto` on a CPU-only machine and `accelerator=cpu`, precision
+    `32` and `"32-true"`) give one cache key."""
+    import torch
+
+    out = dict(trainer)
+    accelerator = str(out.get("accelerator", "auto")).lower()
+    if accelerator in ("auto", "gpu"):
+        if torch.cuda.is_available():
+            accelerator = "cuda"
+        elif accelerator == "auto":
+            mps = getattr(torch.backends, "mps", None)
+            accelerator = "mps" if mps is not None and mps.is_available() else "cpu"
+    out["accelerator"] = accelerator
+    if accelerator == "cpu" and str(out.get("devices", "auto")) in ("auto", "1", "-1"):
+        out["devices"] = 1
+    if str(out.get("strategy", "auto")) == "auto":
+        out.pop("strategy", None)
+    if "precision" in out:
+        from lightning_fabric.connector import _convert_precision_to_unified_args
+
+        try:
+            out["precision"] = _convert_precision_to_unified_args(out["precision"])
+        except Exception:  # Lightning refuses it when the Trainer is built, with its own message
+            pass
+    return out
+
+
+def _user_code(value: Any, found: set[str]) -> set[str]:
+    """The `_target_` import paths outside kdpipe under a config section."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if k == "_target_" and isinstance(v, str) and not v.startswith("kdpipe."):
+                found.add(v)
+            else:
+                _user_code(v, found)
+    elif isinstance(value, list):
+        for v in value:
+            _user_code(v, found)
+    return found
+
+
+def _source_hash(target: str) -> str | None:
+    """A hash of the source file that defines `target` (a user's loss term, model or callback), so
+    that editing it recomputes the stages that use it; None for a compiled or built-in module."""
+    import hashlib
+    import importlib.util
+
+    module = target
+    while module:
+        try:
+            spec = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is not None:
+            origin = spec.origin or ""
+            if origin.endswith(".py") and Path(origin).is_file() and "site-packages" not in origin:
+                return hashlib.sha256(Path(origin).read_bytes()).hexdigest()[:16]
+            return None
+        module = module.rpartition(".")[0]
+    return None
+
+
 def stage_key(ctx: PipelineContext, stage: str, sections: Sequence[str], upstream: Sequence[StageOutput],
               extra: Any = None) -> str:
-    """Hash of (code version, stage, its config sections, data config, seed, upstream keys)."""
+    """Hash of what the stage computes: kdpipe's code (and the source of any user `_target_` it
+    uses), the stage's config sections as they resolve here (without `MESSAGE_ONLY_KEYS`), the
+    data as loaded (its fingerprint, not just its config), the seed, and the upstream keys."""
     parts = {}
-    for name in sections:
+    for name in [*sections, "data"]:
         value = ctx.section(name)
-        if name == "trainer" and isinstance(value, dict):
-            value = {k: v for k, v in value.items() if k not in COSMETIC_TRAINER_KEYS}
+        if isinstance(value, dict):
+            value = {k: v for k, v in value.items() if k not in MESSAGE_ONLY_KEYS.get(name, ())}
+            if name == "trainer":
+                value = computed_trainer(value)
         parts[name] = value
-    return cache_key(kdpipe.__version__, stage, parts, ctx.section("data"), ctx.cfg.seed,
+    user_code = {t: _source_hash(t) for t in sorted(_user_code(parts, set()))}
+    data = getattr(ctx.datamodule, "fingerprint", None)
+    return cache_key(kdpipe.code_version(), user_code, stage, parts, data, ctx.cfg.seed,
                      [u.cache_key for u in upstream], extra)
 
 
@@ -133,13 +213,12 @@ def run_stage(ctx: PipelineContext, stage: str, sections: Sequence[str], upstrea
         found = find_reusable_run(key) if (reusable and ctx.cfg.reuse) else None
         with mlflow.start_run(run_name=stage, nested=True, tags=tags) as run:
             run_id = run.info.run_id
+            fault_point(f"stage-{stage}")
             if found is not None:
                 try:
-                    local = mlflow.artifacts.download_artifacts(
-                        run_id=found.info.run_id, artifact_path=found.data.tags[ARTIFACT_TAG],
-                        dst_path=str(ctx.workdir / stage))
-                except Exception as exc:  # artefact deleted from the store: recompute
-                    log.warning("stage %s: cannot fetch cached artefact of run %s (%s); recomputing",
+                    local = fetch_verified_artifact(found, ctx.workdir / stage)
+                except Exception as exc:  # artefact deleted from the store or damaged: recompute
+                    log.warning("stage %s: cannot reuse the artefact of run %s (%s); recomputing",
                                 stage, found.info.run_id, exc)
                 else:
                     mlflow.set_tag(REUSED_FROM_TAG, found.info.run_id)
@@ -160,7 +239,8 @@ def run_stage(ctx: PipelineContext, stage: str, sections: Sequence[str], upstrea
             for extra in product.artifacts:
                 mlflow.log_artifact(str(extra), artifact_path="tables")
             mlflow.log_artifact(str(product.path), artifact_path="model")
-            mlflow.set_tag("kdpipe.model_kind", product.kind)
-            mlflow.set_tag(ARTIFACT_TAG, f"model/{product.path.name}")
+            mlflow.set_tags({"kdpipe.model_kind": product.kind,
+                             ARTIFACT_SHA256_TAG: file_sha256(product.path)})
+            mlflow.set_tag(ARTIFACT_TAG, f"model/{product.path.name}")  # last: the stage is reusable now
             clear_checkpoints(ctx.checkpoint_root, key)
             return StageOutput(stage, run_id, key, product.path, kind=product.kind)

@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 from torchmetrics.functional.classification import multiclass_calibration_error
 
 from kdpipe.export import export_onnx
+from kdpipe.faults import stop_if_terminated
 from kdpipe.metrics.measure import flops_per_sample, onnx_latency_ms, onnx_logits, torch_logits
 from kdpipe.models import count_params
 from kdpipe.models.io import load_model
@@ -74,6 +75,7 @@ def evaluate_compute(ctx: PipelineContext, models: list[StageOutput]) -> list[di
     client = MlflowClient()
     rows = []
     for out in models:
+        stop_if_terminated()
         torch.manual_seed(0)
         metrics = measure(ctx, out)
         now = int(time.time() * 1000)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 
 import mlflow
@@ -10,9 +11,11 @@ from hydra.utils import instantiate
 from torch import nn
 
 from kdpipe.distill.schemes import DistillJob
+from kdpipe.errors import ConfigError
 from kdpipe.models.io import build_model, load_model, load_state_dict_any, save_model
 from kdpipe.modules import ClassifierModule
 from kdpipe.stages.base import PipelineContext, Product, StageOutput, StageRun, run_stage
+from kdpipe.tracking.store import file_sha256
 
 TRAINING_SECTIONS = ["trainer", "optim", "callbacks"]
 
@@ -35,13 +38,33 @@ def resolve_checkpoint(ref: str) -> Path:
     return Path(os.path.expanduser(ref))
 
 
+def fetch_teacher_checkpoint(ref: str) -> Path:
+    """The local file of `teacher.checkpoint` (a path, `file://`, `runs:/`, `models:/` or an HTTP
+    artefact URI), checked to be a torch checkpoint, or a one-line `ConfigError`: called before
+    the pipeline's first run is created."""
+    key = f"teacher.checkpoint={ref}"
+    try:
+        local = resolve_checkpoint(ref)
+    except Exception as exc:
+        reason = " ".join(str(exc).split())[:300]
+        raise ConfigError(f"{key} cannot be fetched ({reason}); give a file path or an MLflow URI of an "
+                          f"existing run, e.g. runs:/<run_id>/model/model.pt") from None
+    if not local.is_file():
+        raise ConfigError(f"{key} does not exist; give a file path or an MLflow URI "
+                          f"(runs:/<run_id>/model/model.pt), or null to train the teacher")
+    if not zipfile.is_zipfile(local):
+        raise ConfigError(f"{key} is not a torch checkpoint (torch.save writes a zip archive); give a "
+                          f"kdpipe model.pt, a Lightning .ckpt or a state-dict file")
+    return local
+
+
 def teacher_compute(run: StageRun) -> Product:
     ctx = run.ctx
     tcfg = ctx.cfg.teacher
     arch = ctx.section("teacher")["model"]
     model: nn.Module = build_model(arch)
     if tcfg.get("checkpoint"):
-        model.load_state_dict(load_state_dict_any(resolve_checkpoint(str(tcfg.checkpoint))))
+        model.load_state_dict(load_state_dict_any(ctx.teacher_file))
         mlflow.set_tag("kdpipe.teacher_source", str(tcfg.checkpoint))
     else:
         members = getattr(model, "members", None)  # an ensemble's members train apart
@@ -52,11 +75,11 @@ def teacher_compute(run: StageRun) -> Product:
 
 
 def run_teacher(ctx: PipelineContext) -> StageOutput:
-    ckpt = ctx.cfg.teacher.get("checkpoint")
+    """Train the teacher, or load `teacher.checkpoint` (keyed by the file's content, whatever
+    the form of its reference: an overwritten file is loaded again)."""
     extra = None
-    if ckpt and not is_uri(str(ckpt)):
-        st = Path(str(ckpt)).expanduser().stat()
-        extra = {"checkpoint_size": st.st_size, "checkpoint_mtime": st.st_mtime_ns}
+    if ctx.cfg.teacher.get("checkpoint"):
+        extra = {"checkpoint_sha256": file_sha256(ctx.teacher_file)}
     return run_stage(ctx, "teacher", ["teacher", *TRAINING_SECTIONS], [], teacher_compute, extra_key=extra)
 
 

@@ -7,14 +7,12 @@ Names users see (stable, dashboards depend on them): tag `kdpipe.stage` on every
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
 import sqlite3
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,11 +21,14 @@ import mlflow
 from mlflow.entities import Param, Run
 from mlflow.tracking import MlflowClient
 
+from kdpipe.locks import exclusive
+
 STAGE_TAG = "kdpipe.stage"
 CACHE_KEY_TAG = "kdpipe.cache_key"
 REUSED_FROM_TAG = "kdpipe.reused_from"
 ARTIFACT_TAG = "kdpipe.artifact"  # set last, only once a stage's model artefact is stored
 RUN_TYPE_TAG = "kdpipe.run_type"  # "pipeline" on the parent run, "stage" on its children
+ARTIFACT_SHA256_TAG = "kdpipe.artifact_sha256"  # of the model file, checked before it is reused
 
 log = logging.getLogger("kdpipe")
 
@@ -140,6 +141,30 @@ def cache_key(*parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch_verified_artifact(run: Run, dst: Path) -> Path:
+    """Download the model artefact of a finished stage run into `dst` and check it is the file
+    that was logged (its SHA-256, recorded at logging): a truncated or replaced artefact raises
+    `ValueError`, and the caller computes the stage again."""
+    local = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
+                                                     artifact_path=run.data.tags[ARTIFACT_TAG],
+                                                     dst_path=str(dst)))
+    expected = run.data.tags.get(ARTIFACT_SHA256_TAG)
+    if expected is None:
+        raise ValueError(f"run {run.info.run_id} records no {ARTIFACT_SHA256_TAG} to check its artefact by")
+    if local.is_file() and file_sha256(local) != expected:
+        raise ValueError(f"{run.data.tags[ARTIFACT_TAG]} of run {run.info.run_id} is damaged: its SHA-256 "
+                         f"differs from the one recorded when it was logged")
+    return local
+
+
 def find_reusable_run(key: str) -> Run | None:
     """The newest FINISHED stage run with this cache key that holds its model artefact."""
     runs = mlflow.search_runs(
@@ -156,16 +181,8 @@ def find_reusable_run(key: str) -> Run | None:
 
 @contextlib.contextmanager
 def stage_lock(key: str) -> Iterator[None]:
-    """An exclusive, machine-wide lock per cache key (flock on a file in the temp dir), so two
-    jobs of a parallel sweep never compute the same stage twice: the second waits, then
-    finds the first one's finished run and reuses it. The OS drops the lock if a job dies."""
-    lock_dir = Path(os.environ.get("KDPIPE_LOCK_DIR", Path(tempfile.gettempdir()) / "kdpipe-locks"))
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    uri = mlflow.get_tracking_uri()
-    name = hashlib.sha256(f"{uri}|{key}".encode()).hexdigest()[:24]
-    with open(lock_dir / f"{name}.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    """An exclusive, machine-wide lock per cache key and store (`kdpipe.locks.exclusive`), so two
+    jobs of a parallel sweep never compute the same stage twice: the second waits, then finds the
+    first one's finished run and reuses it. The OS drops the lock if a job dies."""
+    with exclusive(f"{mlflow.get_tracking_uri()}|{key}"):
+        yield
