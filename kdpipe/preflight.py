@@ -185,15 +185,18 @@ def _raw(cfg: DictConfig, key: str) -> str | None:
 def output_dir(cfg: DictConfig, multirun: bool = False, exact: bool = False) -> tuple[str, str] | None:
     """(key, folder) of the job's output: `hydra.run.dir`, or `hydra.sweep.dir` for a multirun,
     resolved as Hydra will (`${now:...}` at this moment). A value that resolves only in the job
-    gives its fixed part (`outputs/` of `outputs/${hydra.job.name}`), or None with `exact`."""
+    gives its fixed part (`outputs/` of `outputs/${hydra.job.name}`); with `exact`, None for any
+    value that reads Hydra's job node (its name, its overrides), which only the job knows."""
     if "hydra" not in cfg:
         return None
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    raw = _raw(cfg, key) or ""
+    if exact and "${hydra" in raw.replace(" ", ""):  # the job's name or overrides: known in the job only
+        return None
     value = _get(cfg, key)
     if value is _UNRESOLVED:
         if exact:
             return None
-        raw = _raw(cfg, key) or ""
         value = os.path.dirname(raw.split("${")[0]) or "."
     return None if value is None else (key, str(value))
 
@@ -211,6 +214,7 @@ def server_problem(uri: str, timeout: float = SERVER_TIMEOUT_S) -> str | None:
     """Why the tracking server at `uri` does not answer `GET <uri>/health`, or None if it does.
     A client error (4xx, e.g. 401 of a server behind a login) is an answer; a 5xx is not."""
     import socket
+    import ssl
     import urllib.error
     import urllib.request
 
@@ -223,6 +227,8 @@ def server_problem(uri: str, timeout: float = SERVER_TIMEOUT_S) -> str | None:
         reason = exc.reason
     except (OSError, ValueError) as exc:  # a timeout while reading; a malformed URI
         reason = exc
+    if isinstance(reason, ssl.SSLError):  # it answered; its certificate is MLflow's business
+        return None                       # (MLFLOW_TRACKING_SERVER_CERT_PATH, ..._INSECURE_TLS)
     if isinstance(reason, (TimeoutError, socket.timeout)):
         return f"no answer within {timeout:g} s"
     if isinstance(reason, OSError) and reason.strerror:
