@@ -55,6 +55,37 @@ def weight(value: Any, key: str) -> float:
     return non_negative(value, key, "a loss weight; 0 removes the term")
 
 
+def fraction(value: Any, key: str, what: str = "the share of the samples held out") -> float:
+    """A share strictly inside (0, 1): `data.val_fraction`, `data.test_fraction`."""
+    f = _number(value, key, f"{what}, in (0, 1), e.g. 0.1")
+    if not 0.0 < f < 1.0:
+        raise ConfigError(f"{key}={value} must lie in (0, 1) ({what}, e.g. 0.1)")
+    return f
+
+
+def split_fractions(val: Any, test: Any, prefix: str = "data.") -> None:
+    """Validation and test shares that leave a training split: each in (0, 1), their sum < 1."""
+    v = fraction(val, f"{prefix}val_fraction", "the share of the samples held out for validation")
+    t = fraction(test, f"{prefix}test_fraction", "the share of the samples held out for testing")
+    if v + t >= 1.0:
+        raise ConfigError(f"{prefix}val_fraction={val} + {prefix}test_fraction={test} = {v + t:g} leaves no "
+                          f"training split; keep the sum below 1, e.g. {prefix}val_fraction=0.1 "
+                          f"{prefix}test_fraction=0.2")
+
+
+def num_classes(value: Any, key: str = "data.num_classes") -> int:
+    """Classes of a classification task: at least two."""
+    return whole_number(value, key, "classification needs at least two classes", minimum=2)
+
+
+def name(value: Any, key: str) -> str:
+    """A name that is not empty or blank (an MLflow experiment)."""
+    if value is None or not str(value).strip():
+        raise ConfigError(f"{key}={'null' if value is None else repr(value)} is empty; give a name, "
+                          f"e.g. {key}=kdpipe")
+    return str(value)
+
+
 def sparsity(value: Any, key: str = "prune.sparsity") -> float:
     """A fraction of weights or channels removed: in [0, 1)."""
     s = _number(value, key, "the fraction removed, in [0, 1)")
@@ -119,16 +150,24 @@ RANGES: dict[str, Callable[[Any, str], Any]] = {
     "optim.lr": partial(positive, hint="the learning rate, e.g. 0.01"),
     "optim.weight_decay": partial(non_negative, hint="the L2 penalty; 0 for none"),
     "data.batch_size": partial(positive_int, hint="samples per batch"),
+    "data.num_classes": num_classes,
+    "data.val_fraction": partial(fraction, what="the share of the samples held out for validation"),
+    "data.test_fraction": partial(fraction, what="the share of the samples held out for testing"),
+    "tracking.experiment": name,
     "eval.latency_iters": partial(positive_int, hint="timed runs per model"),
     "eval.latency_warmup": partial(whole_number, hint="untimed runs before timing"),
     "eval.throughput_batch_size": partial(positive_int, hint="samples per timed batch"),
 }
 
 
-def _leaves(node: DictConfig, prefix: str = "") -> Iterator[tuple[str, Any, bool]]:
+def _leaves(node: DictConfig, prefix: str = "",
+            skip: tuple[str, ...] = ()) -> Iterator[tuple[str, Any, bool]]:
     """(dotted key, resolved value, is an interpolation) of every leaf of the mappings under
-    `node`; a value that cannot be resolved yet (a resolver of the running job) is left out."""
+    `node` but its keys in `skip`; a value that cannot be resolved yet (a resolver of the running
+    job) is left out."""
     for key in node.keys():
+        if key in skip:
+            continue
         full = f"{prefix}{key}"
         try:
             value = node[key]
@@ -162,9 +201,16 @@ def check_config(cfg: DictConfig) -> None:
     """Raise `ConfigError` on the first key of `cfg` outside its range in `RANGES`. Values written
     in place are checked before interpolations (`distill.terms.kd.temperature: ${...temperature}`),
     so the message names the key the user set."""
-    leaves = [leaf for leaf in _leaves(cfg) if not leaf[0].startswith("hydra.")]
+    leaves = list(_leaves(cfg, skip=("hydra",)))  # a config composed with Hydra's own node
     for key, value, _ in sorted(leaves, key=lambda leaf: leaf[2]):
         check = next((f for pattern, f in RANGES.items() if fnmatchcase(key, pattern)), None)
         if check is not None:
             check(value, key)
     _agp_bounds(cfg)
+    data = cfg.get("data")
+    if isinstance(data, DictConfig) and "val_fraction" in data and "test_fraction" in data:
+        try:
+            val, test = data.val_fraction, data.test_fraction
+        except OmegaConfBaseException:  # resolved by the running job: checked by the data module
+            return
+        split_fractions(val, test)

@@ -8,6 +8,8 @@ existing key), and compares the type of each `key=value` with the default it rep
 no schema listing every key, so options added to config groups are checked as they appear.
 Last, the ranges of `kdpipe.limits` are checked on the composed config, once per value of each
 sweep. Nothing here imports torch, Lightning or MLflow: a bad value fails in about a second.
+The configs checked are returned (Hydra's own node included), so `kdpipe.preflight` can check
+them against the machine (files, folders, the tracking server) without composing them again.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException
-from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from kdpipe.errors import ConfigError
@@ -36,6 +38,14 @@ MIXED_TYPE_KEYS = {"trainer.devices", "trainer.num_nodes", "trainer.precision", 
 
 # Flags after which Hydra reads another config than ours: leave those commands to Hydra.
 _OWN_CONFIG_FLAGS = ("-cp", "-cn", "-cd", "--config-path", "--config-name", "--config-dir", "--info", "-i")
+# Flags with which Hydra prints something (help, the config, a completion script) and runs no job.
+NO_JOB_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--shell-completion", "-sc", "--version",
+                "--experimental-rerun")
+
+
+def runs_a_job(args: Sequence[str]) -> bool:
+    """Whether Hydra starts a job (or a sweep) for these command-line arguments."""
+    return not any(a.split("=")[0] in (*NO_JOB_FLAGS, *_OWN_CONFIG_FLAGS) for a in args)
 
 
 def _kind(value: Any) -> str | None:
@@ -91,7 +101,7 @@ def _one_line(exc: BaseException) -> str:
 def _unknown_key_message(key: str, value: str, base: DictConfig) -> str:
     parent, _, leaf = key.rpartition(".")
     node = OmegaConf.select(base, parent) if parent else base
-    keys = list(node.keys()) if isinstance(node, DictConfig) else []
+    keys = [k for k in node.keys() if parent or k != "hydra"] if isinstance(node, DictConfig) else []
     close = difflib.get_close_matches(leaf, [str(k) for k in keys], n=1)
     where = f"'{parent}'" if parent else "the root config"
     hint = f"did you mean {parent + '.' if parent else ''}{close[0]}?" if close else \
@@ -100,9 +110,11 @@ def _unknown_key_message(key: str, value: str, base: DictConfig) -> str:
             f"to add a new key on purpose write +{key}={value}")
 
 
-def _parse(lines: Sequence[str]) -> list[Override]:
+def _parse(lines: Sequence[str], hydra: bool = False) -> list[Override]:
+    """The overrides of the config (or, with `hydra`, those of Hydra's own node)."""
     try:
-        return [o for o in OverridesParser.create().parse_overrides(list(lines)) if not o.is_hydra_override()]
+        return [o for o in OverridesParser.create().parse_overrides(list(lines))
+                if o.is_hydra_override() == hydra]
     except HydraException as exc:
         raise ConfigError(_one_line(exc)) from None
 
@@ -123,20 +135,21 @@ def _given(override: Override) -> list[Any]:
     return list(override.sweep_iterator()) if override.is_discrete_sweep() else [override.value()]
 
 
-def _compose_variants(config_name: str, groups: list[Override], hydra: bool = False,
-                      searchpath: Sequence[str] = ()) -> list[DictConfig]:
+def _compose_variants(config_name: str, groups: list[Override],
+                      hydra_lines: Sequence[str] = ()) -> list[DictConfig]:
     """One config per option of a swept group, the other groups at their first option: a key is
-    unknown only if no option has it, and is typed by the first option that has it. `searchpath`:
-    the `hydra.searchpath=[...]` overrides, so a user's own config folders are composed too."""
-    first = [*searchpath, *(single_value(o) for o in groups)]
+    unknown only if no option has it, and is typed by the first option that has it. Each comes
+    with Hydra's node, composed with `hydra_lines` (the command's overrides of Hydra's node, the
+    `hydra.searchpath=[...]` that adds a user's own config folders among them)."""
+    first = [*hydra_lines, *(single_value(o) for o in groups)]
     variants = [first]
     for i, o in enumerate(groups):
         if o.is_discrete_sweep():
             for option in list(o.sweep_string_iterator())[1:]:
-                j = i + len(searchpath)
+                j = i + len(hydra_lines)
                 variants.append([*first[:j], f"{o.get_key_element()}={option}", *first[j + 1:]])
     try:
-        return [compose(config_name, overrides=v, return_hydra_config=hydra) for v in variants]
+        return [compose(config_name, overrides=v, return_hydra_config=True) for v in variants]
     except (HydraException, ValueError) as exc:  # ValueError: a group given a number (`optim=3`)
         raise ConfigError(_one_line(exc)) from None
 
@@ -175,38 +188,53 @@ def _with_value(cfg: DictConfig, override: Override, value: Any) -> DictConfig:
     return out
 
 
-def _check_ranges(bases: list[DictConfig], values: list[Override]) -> None:
+def _check_ranges(bases: list[DictConfig], values: list[Override]) -> list[DictConfig]:
     """`kdpipe.limits` on each base with every value override at its first value, then with each
     other value of a sweep in turn: a bad value anywhere in a sweep stops the command. A key of
-    one option of a swept group only (`prune.importance` of `prune=structured`) is set where it is."""
+    one option of a swept group only (`prune.importance` of `prune=structured`) is set where it is.
+    Returns the configs checked."""
+    checked = []
     for base in bases:
         mine = [o for o in values if o.is_add() or o.is_force_add() or _has(base, o.key_or_group)]
         full = base
         for o in mine:
             full = _with_value(full, o, _given(o)[0])
         check_config(full)
+        checked.append(full)
         for o in mine:
             for value in _given(o)[1:]:
-                check_config(_with_value(full, o, value))
+                other = _with_value(full, o, value)
+                check_config(other)
+                checked.append(other)
+    return checked
 
 
-def check(args: Sequence[str], config_path: str, config_name: str = "config") -> None:
+def check(args: Sequence[str], config_path: str, config_name: str = "config") -> list[DictConfig]:
     """Raise `ConfigError` (one line, naming the key) on an unknown key, a wrongly typed value or
     a value out of its range (`kdpipe.limits`), for every value of a sweep (on the command line or
-    in the `hydra.sweeper.params` of an experiment)."""
+    in the `hydra.sweeper.params` of an experiment).
+
+    Returns the configs checked, each with Hydra's node: one per option of a swept group (the other
+    groups at their first option) with every value override at its first value, and one more per
+    other value of a swept key. Returns [] when nothing was composed: another config than ours
+    (`-cp`, `-cn`), a call from inside a Hydra app, or a command that prints (`--help`, `--cfg`)
+    and has no overrides to check."""
     if any(a.split("=")[0] in _OWN_CONFIG_FLAGS for a in args):
-        return
+        return []
     multirun = any(a in ("-m", "--multirun") for a in args)
-    overrides = _parse([a for a in args if not a.startswith("-") and "=" in a])
-    if (not overrides and not multirun) or GlobalHydra.instance().is_initialized():
-        return  # nothing to check, or called from inside a Hydra app
+    lines = [a for a in args if not a.startswith("-") and "=" in a]
+    overrides = _parse(lines)
+    if (not overrides and not multirun and not runs_a_job(args)) or GlobalHydra.instance().is_initialized():
+        return []  # nothing to check, or called from inside a Hydra app
+    # Hydra's own overrides (hydra.run.dir=..., hydra/launcher=joblib) shape the job's folders; a
+    # sweep of one of them is Hydra's to expand.
+    hydra_lines = [o.input_line for o in _parse(lines, hydra=True) if not o.is_sweep_override()]
     init = initialize_config_module(config_path[len("pkg://"):], version_base="1.3") \
         if config_path.startswith("pkg://") else initialize_config_dir(config_path, version_base="1.3")
     with init:
         repo = GlobalHydra.instance().config_loader().repository
         groups, values = _split(overrides, repo)
-        searchpath = [a for a in args if a.startswith("hydra.searchpath=")]
-        bases = _compose_variants(config_name, groups, hydra=multirun, searchpath=searchpath)
+        bases = _compose_variants(config_name, groups, hydra_lines)
         if multirun:  # the sweep of an experiment file; the command line wins, as in Hydra's sweeper
             given = {o.key_or_group for o in overrides}
             params = OmegaConf.select(bases[0], "hydra.sweeper.params") or {}
@@ -215,13 +243,10 @@ def check(args: Sequence[str], config_path: str, config_name: str = "config") ->
             values += more_values
             if more_groups:
                 groups += more_groups
-                bases = _compose_variants(config_name, groups, searchpath=searchpath)
-            for b in bases:
-                with open_dict(b):
-                    b.pop("hydra", None)
+                bases = _compose_variants(config_name, groups, hydra_lines)
         for o in values:
             _check_key_and_type(o, bases)
-        _check_ranges(bases, values)
+        return _check_ranges(bases, values)
 
 
 _MISSING = object()

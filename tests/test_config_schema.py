@@ -7,18 +7,6 @@ import pytest
 from kdpipe.cli import CONFIG_PATH
 from kdpipe.errors import ConfigError
 from kdpipe.overrides import check
-from tests.conftest import run_cli
-
-
-def test_a_misspelled_key_fails_before_any_work_in_one_line_naming_it_and_the_right_one(tmp_path):
-    proc = run_cli(["distill.temprature=4", "data=synthetic"], cwd=tmp_path,
-                   env_extra={"MLFLOW_TRACKING_URI": ""})
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("kdpipe: error: distill.temprature=4:")
-    assert "did you mean distill.temperature?" in lines[0] and "+distill.temprature=4" in lines[0]
-    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "outputs").exists()
 
 
 @pytest.mark.parametrize("args, named", [

@@ -15,6 +15,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from kdpipe import limits
 from kdpipe.errors import ConfigError
 
 
@@ -77,11 +78,8 @@ class TensorDataModule(pl.LightningDataModule):
         augment: list | None = None,
     ) -> None:
         super().__init__()
-        for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-            if not 0.0 < frac < 1.0:
-                raise ConfigError(f"data.{name}={frac} must lie in (0, 1)")
-        if val_fraction + test_fraction >= 1.0:
-            raise ConfigError("data.val_fraction + data.test_fraction must leave room for a training split")
+        limits.split_fractions(val_fraction, test_fraction)  # as the command line checks them
+        limits.num_classes(num_classes)
         self.in_shape = (channels, height, width)
         self.num_classes = num_classes
         self.batch_size = batch_size

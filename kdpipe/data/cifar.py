@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from kdpipe.data.base import TensorDataModule, file_identity
+from kdpipe.data.checks import CIFAR_LAYOUTS, cifar_files, cifar_folder, cifar_layout
 from kdpipe.errors import ConfigError
 
 # What the official batch files reference; anything else (os.system, builtins.eval...) is refused.
@@ -28,14 +29,7 @@ _ALLOWED_GLOBALS = {
     ("_codecs", "encode"),
 }
 
-LAYOUTS = {
-    "cifar10": {"folder": "cifar-10-batches-py", "train": [f"data_batch_{i}" for i in range(1, 6)],
-                "test": ["test_batch"], "labels": "labels", "num_classes": 10,
-                "url": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"},
-    "cifar100": {"folder": "cifar-100-python", "train": ["train"], "test": ["test"],
-                 "labels": "fine_labels", "num_classes": 100,
-                 "url": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"},
-}
+LAYOUTS = CIFAR_LAYOUTS
 
 
 class _BatchUnpickler(pickle.Unpickler):
@@ -75,30 +69,18 @@ class CIFARDataModule(TensorDataModule):
     def __init__(self, root: str, variant: str = "cifar10", channels: int = 3, height: int = 32,
                  width: int = 32, num_classes: int = 10, limit_train: int | None = None, **kwargs) -> None:
         super().__init__(channels, height, width, num_classes, **kwargs)
-        if variant not in LAYOUTS:
-            raise ConfigError(f"data.variant={variant} is not one of {', '.join(LAYOUTS)}")
-        self.layout = LAYOUTS[variant]
+        self.layout = cifar_layout(variant)
         self.variant = variant
         self.root = Path(os.path.expanduser(str(root)))
         self.limit_train = limit_train
 
     def folder(self) -> Path:
-        nested = self.root / self.layout["folder"]
-        return nested if nested.is_dir() else self.root
+        return cifar_folder(self.root, self.variant)
 
     def check_files(self) -> dict[str, list[Path]]:
-        """The batch files per split, or a ConfigError with the commands that get them."""
-        folder = self.folder()
-        files = {split: [folder / n for n in self.layout[split]] for split in ("train", "test")}
-        missing = [p.name for ps in files.values() for p in ps if not p.is_file()]
-        if missing:
-            url = self.layout["url"]
-            raise ConfigError(
-                f"data.root={self.root} lacks the {self.variant} batch files {', '.join(missing)}. "
-                f"Get them with: "
-                f"mkdir -p {self.root} && curl -L {url} | tar xz -C {self.root}  "
-                f"(or point data.root at the extracted {self.layout['folder']} folder)")
-        return files
+        """The batch files per split (present, not empty), or a ConfigError with the commands
+        that get them, every path quoted for the shell."""
+        return cifar_files(self.root, self.variant)
 
     def stats_key(self) -> dict:
         return {"files": file_identity(p for ps in self.check_files().values() for p in ps),

@@ -15,13 +15,12 @@ import numpy as np
 import torch
 
 from kdpipe.data.base import TensorDataModule, file_identity
-from kdpipe.errors import ConfigError
+from kdpipe.data.checks import READ_ERRORS, SPLIT_FILES, check_idx, idx_corrupt, idx_files
 
 _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
            0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
 
-SPLIT_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-               "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+__all__ = ["SPLIT_FILES", "IDXDataModule", "read_idx", "write_idx"]
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -58,13 +57,6 @@ def write_idx(array: np.ndarray, path: str | Path) -> Path:
     return path
 
 
-def _find(root: Path, stem: str) -> Path | None:
-    for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
-        if (root / name).is_file():
-            return root / name
-    return None
-
-
 class IDXDataModule(TensorDataModule):
     """28x28 grey images in IDX files under `root` (the four standard file names, `.gz` or
     not). The official train/test split is kept; val is drawn from train with the seed.
@@ -79,27 +71,27 @@ class IDXDataModule(TensorDataModule):
 
     def check_files(self) -> dict[str, tuple[Path, Path]]:
         """The four files, or a ConfigError with the command that gets them."""
-        found, missing = {}, []
-        for split, (img, lab) in SPLIT_FILES.items():
-            paths = (_find(self.root, img), _find(self.root, lab))
-            if None in paths:
-                missing += [n for n, p in zip((img, lab), paths, strict=True) if p is None]
-            found[split] = paths
-        if missing:
-            hint = f" Get them with: {self.install_hint}" if self.install_hint else ""
-            raise ConfigError(f"data.root={self.root} lacks {', '.join(missing)} (.gz or raw).{hint} "
-                              f"Or point data.root at a folder that has them.")
-        return found
+        return idx_files(self.root, self.install_hint)
+
+    def _read(self, path: Path) -> np.ndarray:
+        """`read_idx`, a file that breaks while it is read (changed since it was checked, or
+        corrupt inside a gzip stream whose trailer is intact) named in one line."""
+        try:
+            return read_idx(path)
+        except (*READ_ERRORS, ValueError) as exc:
+            raise idx_corrupt(path, self.install_hint, why=" ".join(str(exc).split())) from exc
 
     def stats_key(self) -> dict:
         files = [p for pair in self.check_files().values() for p in pair]
         return {"files": file_identity(files), "limit_train": self.limit_train}
 
     def load_splits(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        # The same checks as the command line's (kdpipe.preflight): headers, lengths, counts, labels.
+        found = check_idx(self.root, self.install_hint, self.num_classes, self.in_shape)
         out = {}
-        for split, (img, lab) in self.check_files().items():
-            x = torch.from_numpy(read_idx(img).astype(np.float32) / 255.0).unsqueeze(1)
-            y = torch.from_numpy(read_idx(lab).astype(np.int64))
+        for split, (img, lab) in found.items():
+            x = torch.from_numpy(self._read(img).astype(np.float32) / 255.0).unsqueeze(1)
+            y = torch.from_numpy(self._read(lab).astype(np.int64))
             if split == "train" and self.limit_train:
                 x, y = x[: self.limit_train], y[: self.limit_train]
             out[split] = (x, y)

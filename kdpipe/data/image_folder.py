@@ -15,24 +15,16 @@ import torch
 from PIL import Image
 
 from kdpipe.data.base import TensorDataModule, file_identity
+from kdpipe.data.checks import (
+    IMAGE_SUFFIXES,
+    check_image_folder,
+    list_classes,
+    list_images,
+    unreadable_image,
+)
 from kdpipe.errors import ConfigError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-
-
-def list_classes(folder: Path) -> list[str]:
-    return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
-
-
-def list_images(folder: Path, classes: list[str]) -> list[tuple[Path, int]]:
-    items = []
-    for idx, name in enumerate(classes):
-        sub = folder / name
-        if not sub.is_dir():
-            continue
-        items += [(p, idx) for p in sorted(sub.rglob("*"))
-                  if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
-    return items
+__all__ = ["IMAGE_SUFFIXES", "ImageFolderDataModule", "list_classes", "list_images"]
 
 
 class ImageFolderDataModule(TensorDataModule):
@@ -51,28 +43,10 @@ class ImageFolderDataModule(TensorDataModule):
         self.root = Path(os.path.expanduser(str(root)))
 
     def layout(self) -> dict[str, list[tuple[Path, int]]]:
-        """The image files of each split found on disk (`all` when there are no split folders)."""
-        if not self.root.is_dir():
-            raise ConfigError(f"data.root={self.root} is not a folder; "
-                              "give a folder with one sub-folder per class")
-        train_dir = self.root / "train"
-        base = train_dir if train_dir.is_dir() else self.root
-        classes = list_classes(base)
-        if len(classes) != self.num_classes:
-            raise ConfigError(f"{base} has {len(classes)} class folders ({', '.join(classes[:10])}) but "
-                              f"data.num_classes={self.num_classes}; set data.num_classes={len(classes)}")
-        if not train_dir.is_dir():
-            found = {"all": list_images(self.root, classes)}
-        else:
-            found = {"train": list_images(train_dir, classes)}
-            for split in ("val", "test"):
-                if (self.root / split).is_dir():
-                    found[split] = list_images(self.root / split, classes)
-        for split, items in found.items():
-            if not items:
-                raise ConfigError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) under the {split} "
-                                  f"folders of {self.root}")
-        self.classes = classes
+        """The image files of each split found on disk (`all` when there are no split folders),
+        checked as the command line checks them (kdpipe.preflight): at least two class folders,
+        as many as `num_classes`, images in every split, the first image of each class readable."""
+        self.classes, found = check_image_folder(self.root, self.num_classes)
         return found
 
     def read(self, items: list[tuple[Path, int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,8 +57,8 @@ class ImageFolderDataModule(TensorDataModule):
             try:
                 with Image.open(path) as img:
                     arrays.append(np.asarray(img.convert(mode).resize(size, Image.BILINEAR), dtype=np.uint8))
-            except OSError as exc:
-                raise ConfigError(f"cannot read image {path}: {exc}") from exc
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+                raise unreadable_image(path, exc) from exc
         x = torch.from_numpy(np.stack(arrays).astype(np.float32) / 255.0)
         x = x.unsqueeze(1) if mode == "L" else x.permute(0, 3, 1, 2)
         return x.contiguous(), torch.tensor([label for _, label in items], dtype=torch.long)
