@@ -142,7 +142,7 @@ def entry() -> None:
     try:
         configs = check(args, CONFIG_PATH)
         check_command(args, configs)
-        lock_dir()  # a lock folder another user planted fails here, not after the imports
+        lock_dir(create=False)  # a lock folder another user planted fails here, not after the imports
     except (ConfigError, LockError) as exc:
         print(f"kdpipe: error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -24,12 +24,15 @@ class LockError(OSError):
     """The lock folder or a lock file cannot be used safely; the message says why and what to do."""
 
 
-def lock_dir() -> Path:
+def lock_dir(create: bool = True) -> Path:
     """`$KDPIPE_LOCK_DIR`, else `kdpipe-locks-<uid>` in the temp dir, created private (0700).
-    The default folder must be a real folder of this user that nobody else can write to."""
+    The default folder must be a real folder of this user that nobody else can write to. With
+    `create=False` (the command line's early check) a folder that does not exist yet is fine."""
     given = os.environ.get("KDPIPE_LOCK_DIR")
     path = Path(given) if given else Path(tempfile.gettempdir()) / f"kdpipe-locks-{os.getuid()}"
     fix = "remove it, or set KDPIPE_LOCK_DIR to a folder of yours"
+    if not create and not os.path.lexists(path):
+        return path
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
         st = os.lstat(path)

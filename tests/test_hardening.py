@@ -35,7 +35,7 @@ from kdpipe.locks import LockError, exclusive, lock_dir, lock_path
 from kdpipe.models.io import save_model
 from kdpipe.pipeline import run_pipeline
 from kdpipe.stages.base import PipelineContext, _source_hash, stage_key
-from kdpipe.tracking.store import setup_tracking
+from kdpipe.tracking.store import fetch_verified_artifact, setup_tracking
 from tests.conftest import REPO, make_cfg
 
 LINUX_PROC = Path("/proc/self/stat").is_file()
@@ -92,7 +92,7 @@ def test_a_teacher_file_overwritten_behind_a_file_uri_is_loaded_again(store, tmp
         second.data.tags["kdpipe.cache_key"] != first.data.tags["kdpipe.cache_key"]
 
 
-def test_a_truncated_artefact_in_the_store_is_recomputed_not_reused(store, tmp_path, caplog):
+def test_a_truncated_artefact_in_the_store_is_recomputed_not_reused(store, tmp_path):
     run_pipeline(make_cfg(QUICK), tmp_path / "a")
     first = _stage("teacher")[0]
     stored = Path(mlflow.artifacts.download_artifacts(run_id=first.info.run_id, artifact_path="model",
@@ -103,7 +103,9 @@ def test_a_truncated_artefact_in_the_store_is_recomputed_not_reused(store, tmp_p
     run_pipeline(make_cfg(QUICK), tmp_path / "b")
     again = _stage("teacher")[0]
     assert again.info.status == "FINISHED" and "kdpipe.reused_from" not in again.data.tags
-    assert "is damaged" in caplog.text
+    with pytest.raises(ValueError, match="is damaged"):  # what the second job found, and said
+        fetch_verified_artifact(first, tmp_path / "check")
+    assert fetch_verified_artifact(again, tmp_path / "check2").is_file()
 
 
 def _keys(tmp_path, overrides: list[str]) -> tuple[str, str]:
