@@ -7,6 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+# The suite runs in two pytest-xdist workers (pyproject.toml): one thread each for torch and for
+# the `kdpipe` processes the tests start, so the two workers share the two cores instead of fighting
+# over them. Set before torch is imported.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
 import mlflow
 import pytest
 from hydra import compose, initialize_config_dir

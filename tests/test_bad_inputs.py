@@ -21,6 +21,9 @@ from kdpipe.preflight import check_command, torch_file_problem
 from tests.bad_inputs import ROWS, make_data, problems, run_row, unshare_works
 from tests.conftest import run_cli
 
+# The module-scoped fixtures are built once: all of this module's tests run in one worker.
+pytestmark = pytest.mark.xdist_group("bad_inputs")
+
 TIMES: list[tuple[str, float, bool]] = []
 
 

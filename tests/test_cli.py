@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 
-import mlflow
 import pytest
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
@@ -18,7 +17,7 @@ from kdpipe.config import validate
 from kdpipe.errors import ConfigError
 from kdpipe.limits import check_config
 from kdpipe.overrides import check
-from tests.conftest import FAST, REPO, make_cfg, run_cli
+from tests.conftest import REPO, make_cfg, run_cli
 
 
 def test_help_lists_config_groups_and_their_options(tmp_path):
@@ -146,19 +145,3 @@ def test_distill_ranges_hold_for_the_terms_and_scheme_layout(distill, message):
     with pytest.raises(ConfigError) as err:
         check_config(_terms_layout(**distill))
     assert str(err.value).startswith(message)
-
-
-def test_temperature_multirun_trains_one_teacher_and_reuses_it(tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    res = run_cli(["-m", *FAST, "prune=none", "quantize=none", "distill.temperature=2,4"], tmp_path,
-                  {"MLFLOW_TRACKING_URI": uri, "KDPIPE_LOCK_DIR": str(tmp_path / "locks")})
-    assert res.returncode == 0, res.stderr[-3000:]
-    mlflow.set_tracking_uri(uri)
-    runs = mlflow.search_runs(experiment_names=["kdpipe"], output_format="list")
-    parents = [r for r in runs if r.data.tags.get("kdpipe.run_type") == "pipeline"]
-    assert sorted(float(p.data.params["distill.temperature"]) for p in parents) == [2.0, 4.0]
-    assert all(p.info.status == "FINISHED" for p in parents)
-    teachers = [r for r in runs if r.data.tags.get("kdpipe.stage") == "teacher"]
-    assert len(teachers) == 2
-    assert sum("kdpipe.reused_from" in t.data.tags for t in teachers) == 1
-    assert (tmp_path / "outputs" / "multirun").is_dir()

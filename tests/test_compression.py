@@ -47,6 +47,9 @@ from kdpipe.overrides import check
 from kdpipe.pipeline import run_pipeline
 from tests.conftest import make_cfg, use_store
 
+# The module-scoped fixtures are built once: all of this module's tests run in one worker.
+pytestmark = pytest.mark.xdist_group("compression")
+
 CNN_ARCH = {"_target_": "kdpipe.models.cnn", "in_shape": [1, 8, 8], "num_classes": 4, "width": 8, "depth": 2}
 
 

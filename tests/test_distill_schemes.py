@@ -30,6 +30,9 @@ from kdpipe.pipeline import run_pipeline
 from kdpipe.training import Optim
 from tests.conftest import FAST, make_cfg
 
+# The module-scoped fixtures are built once: all of this module's tests run in one worker.
+pytestmark = pytest.mark.xdist_group("distill_schemes")
+
 EPOCHS = 6
 ADAMW = Optim(functools.partial(torch.optim.AdamW, lr=0.01))
 CHANCE = 0.25  # 4 classes

@@ -13,6 +13,9 @@ import pytest
 
 from scripts.bench_faults import POINTS, computed_stages, run_both, store_runs
 
+# The module-scoped fixtures are built once: all of this module's tests run in one worker.
+pytestmark = pytest.mark.xdist_group("kill_matrix")
+
 
 @pytest.fixture(scope="module")
 def chains(tmp_path_factory):

@@ -23,6 +23,9 @@ from kdpipe.config import validate
 from kdpipe.pipeline import run_pipeline
 from tests.conftest import FAST, make_cfg
 
+# The module-scoped fixtures are built once: all of this module's tests run in one worker.
+pytestmark = pytest.mark.xdist_group("scale")
+
 
 def _free_port() -> int:
     with socket.socket() as s:

@@ -31,6 +31,9 @@ from kdpipe.report.sweep import METRICS, build_report, pareto_front, summarise
 from kdpipe.tracking.naming import SWEEP_ENV, run_name
 from tests.conftest import FAST, REPO, make_cfg, run_cli
 
+# The module-scoped fixtures are built once: all of this module's tests run in one worker.
+pytestmark = pytest.mark.xdist_group("sweeps")
+
 ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
