@@ -87,11 +87,11 @@ def run_pipeline(cfg: DictConfig, workdir: Path) -> dict[str, float]:
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     uri = cfg.tracking.uri or mlflow.get_tracking_uri()
-    setup_tracking(uri, cfg.tracking.experiment, cfg.tracking.get("artifact_location"))
-    reap_orphans()  # runs a killed job left RUNNING, in any stage or after the last one
     teacher_file = None
     if cfg.get("teacher") is not None and cfg.teacher.get("checkpoint"):
-        teacher_file = fetch_teacher_checkpoint(str(cfg.teacher.checkpoint))
+        teacher_file = fetch_teacher_checkpoint(str(cfg.teacher.checkpoint), uri)
+    setup_tracking(uri, cfg.tracking.experiment, cfg.tracking.get("artifact_location"))
+    reap_orphans()  # runs a killed job left RUNNING, in any stage or after the last one
     workdir.mkdir(parents=True, exist_ok=True)
     ctx = PipelineContext(cfg, datamodule, workdir, mlflow.get_tracking_uri(), teacher_file)
     resolved = OmegaConf.to_container(cfg, resolve=True)

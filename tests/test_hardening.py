@@ -262,3 +262,19 @@ def test_sigterm_only_sets_a_flag_that_the_job_checks_so_it_is_never_lost_in_a_g
             stop_if_terminated()
     with on_sigterm():  # a new job starts with the flag down
         stop_if_terminated()
+
+
+# --- a teacher checkpoint URI that names nothing ------------------------------------------------
+
+def test_a_runs_uri_that_names_no_run_fails_in_one_line_before_any_run_exists(store, tmp_path):
+    from kdpipe.errors import ConfigError
+
+    bad = "runs:/0123456789abcdef0123456789abcdef/model/model.pt"
+    with pytest.raises(ConfigError, match=r"the store .* does not exist, so it holds no run") as err:
+        run_pipeline(make_cfg([*QUICK, f"teacher.checkpoint={bad}"]), tmp_path / "a")
+    assert "\n" not in str(err.value) and not (tmp_path / "mlflow.db").exists()
+    setup_tracking(store, "kdpipe")  # an existing store without that run
+    with pytest.raises(ConfigError, match=r"cannot be fetched .*; give a file path or an MLflow URI") as err:
+        run_pipeline(make_cfg([*QUICK, f"teacher.checkpoint={bad}"]), tmp_path / "b")
+    assert "\n" not in str(err.value)
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []

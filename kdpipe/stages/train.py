@@ -15,7 +15,7 @@ from kdpipe.errors import ConfigError
 from kdpipe.models.io import build_model, load_model, load_state_dict_any, save_model
 from kdpipe.modules import ClassifierModule
 from kdpipe.stages.base import PipelineContext, Product, StageOutput, StageRun, run_stage
-from kdpipe.tracking.store import file_sha256
+from kdpipe.tracking.store import file_sha256, sqlite_path
 
 TRAINING_SECTIONS = ["trainer", "optim", "callbacks"]
 
@@ -38,11 +38,16 @@ def resolve_checkpoint(ref: str) -> Path:
     return Path(os.path.expanduser(ref))
 
 
-def fetch_teacher_checkpoint(ref: str) -> Path:
+def fetch_teacher_checkpoint(ref: str, tracking_uri: str) -> Path:
     """The local file of `teacher.checkpoint` (a path, `file://`, `runs:/`, `models:/` or an HTTP
-    artefact URI), checked to be a torch checkpoint, or a one-line `ConfigError`: called before
-    the pipeline's first run is created."""
+    artefact URI, looked up in the store `tracking_uri`), checked to be a torch checkpoint, or a
+    one-line `ConfigError`: called before the pipeline creates anything in the store."""
     key = f"teacher.checkpoint={ref}"
+    store = sqlite_path(tracking_uri)
+    if ref.startswith(("runs:/", "models:/")) and store is not None and not store.is_file():
+        raise ConfigError(f"{key}: the store {tracking_uri} does not exist, so it holds no run; point "
+                          f"tracking.uri (or MLFLOW_TRACKING_URI) at the store of the teacher's run")
+    mlflow.set_tracking_uri(tracking_uri)
     try:
         local = resolve_checkpoint(ref)
     except Exception as exc:

@@ -55,7 +55,7 @@ def setup_tracking(uri: str | None, experiment: str, artifact_location: str | No
     return exp_id
 
 
-def _sqlite_path(uri: str) -> Path | None:
+def sqlite_path(uri: str) -> Path | None:
     """The database file of a `sqlite:///...` URI; None for any other store or an in-memory one."""
     if not uri.startswith("sqlite:"):
         return None
@@ -76,7 +76,7 @@ def seed_sqlite_store(uri: str) -> bool:
     revision and adds the Default experiment itself, exactly as after migrating. Returns whether
     it seeded; on any problem (unwritable cache, changed MLflow internals) MLflow creates the
     store as usual."""
-    path = _sqlite_path(uri)
+    path = sqlite_path(uri)
     if path is None or (path.exists() and path.stat().st_size > 0):
         return False
     try:
