@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import zipfile
 from pathlib import Path
 
 import mlflow
@@ -14,6 +13,7 @@ from kdpipe.distill.schemes import DistillJob
 from kdpipe.errors import ConfigError
 from kdpipe.models.io import build_model, load_model, load_state_dict_any, save_model
 from kdpipe.modules import ClassifierModule
+from kdpipe.preflight import torch_file_problem
 from kdpipe.stages.base import PipelineContext, Product, StageOutput, StageRun, run_stage
 from kdpipe.tracking.store import file_sha256, sqlite_path
 
@@ -54,12 +54,12 @@ def fetch_teacher_checkpoint(ref: str, tracking_uri: str) -> Path:
         reason = " ".join(str(exc).split())[:300]
         raise ConfigError(f"{key} cannot be fetched ({reason}); give a file path or an MLflow URI of an "
                           f"existing run, e.g. runs:/<run_id>/model/model.pt") from None
-    if not local.is_file():
+    problem = torch_file_problem(local)
+    if problem == "does not exist":
         raise ConfigError(f"{key} does not exist; give a file path or an MLflow URI "
                           f"(runs:/<run_id>/model/model.pt), or null to train the teacher")
-    if not zipfile.is_zipfile(local):
-        raise ConfigError(f"{key} is not a torch checkpoint (torch.save writes a zip archive); give a "
-                          f"kdpipe model.pt, a Lightning .ckpt or a state-dict file")
+    if problem:
+        raise ConfigError(f"{key} {problem}")
     return local
 
 
