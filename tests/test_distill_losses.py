@@ -16,6 +16,9 @@ from kdpipe.losses import (
     CrossEntropy,
     DistillOutputs,
     Hint,
+    InterClassRelation,
+    IntraClassRelation,
+    LogitStandardizedKL,
     NonTargetClassKD,
     RKDAngle,
     RKDDistance,
@@ -195,3 +198,58 @@ def test_a_term_of_weight_zero_is_not_built_and_asks_for_no_layer():
 def test_a_bad_term_is_a_config_error_naming_it(terms, message):
     with pytest.raises(ConfigError, match=message):
         WeightedSum.from_config(terms)
+
+
+def test_logit_standardised_kd_matches_a_hand_computed_value_and_ignores_logit_scale():
+    """z([1, 2, 3]) = [-1, 0, 1] and z([3, 2, 1]) = [1, 0, -1]: at T=1 the teacher's softmax is
+    (e, 1, 1/e) / Z and log(p_t / p_s) is 2, 0, -2, so the KL is 2 (e - 1/e) / (e + 1 + 1/e)."""
+    s, t, y = torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[3.0, 2.0, 1.0]]), torch.tensor([0])
+    term = LogitStandardizedKL(temperature=1.0)
+    e = math.e
+    assert term(DistillOutputs(s, t, y)).item() == pytest.approx(2 * (e - 1 / e) / (e + 1 + 1 / e), rel=1e-5)
+    # a student whose logits are the teacher's times 10 plus 5 already matches it: loss 0 (plain KD: not)
+    scaled = DistillOutputs(t * 10 + 5, t, y)
+    assert term(scaled).item() == pytest.approx(0.0, abs=1e-6)
+    assert SoftTargetKL(temperature=1.0)(scaled).item() > 0.5
+    # T^2 scaling, as in Hinton's KD
+    z_s, z_t = torch.tensor([-0.5, 0.0, 0.5]), torch.tensor([0.5, 0.0, -0.5])  # z / T at T=2
+    by_hand = 4 * F.kl_div(F.log_softmax(z_s, -1), F.softmax(z_t, -1), reduction="sum").item()
+    assert LogitStandardizedKL(2.0)(DistillOutputs(s, t, y)).item() == pytest.approx(by_hand, rel=1e-5)
+
+
+def _pearson_rows(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean Pearson correlation of matching rows, with numpy's corrcoef."""
+    import numpy as np
+
+    return float(np.mean([np.corrcoef(x, z)[0, 1] for x, z in zip(a.numpy(), b.numpy(), strict=True)]))
+
+
+def test_dist_terms_are_one_minus_the_pearson_correlation_per_sample_and_per_class():
+    # four samples: the intra-class correlation is taken over the batch (two samples always give +-1)
+    s = torch.tensor([[1.0, 2.0, 3.0], [0.5, -1.0, 2.0], [0.0, 1.0, 0.0], [2.0, 0.5, -1.0]])
+    t = torch.tensor([[3.0, 2.0, 1.0], [1.0, -2.0, 0.0], [0.5, 0.0, 1.5], [1.0, 1.0, -2.0]])
+    y = torch.tensor([0, 1, 2, 0])
+    out = DistillOutputs(s, t, y)
+    p_s, p_t = F.softmax(s, -1), F.softmax(t, -1)
+    assert InterClassRelation(1.0)(out).item() == pytest.approx(1 - _pearson_rows(p_s, p_t), rel=1e-5)
+    assert IntraClassRelation(1.0)(out).item() == pytest.approx(1 - _pearson_rows(p_s.T, p_t.T), rel=1e-5)
+    # the first sample by hand: p_s = (1, e, e^2) / Z and p_t is p_s reversed; with x = p_s - 1/3 the
+    # correlation is (2 x0 x2 + x1^2) / |x|^2 = -0.86709, so the loss is 1.86709
+    first = DistillOutputs(s[:1], t[:1], y[:1])
+    assert InterClassRelation(1.0)(first).item() == pytest.approx(1.867093, abs=1e-5)
+    # the same ranking at another scale: a correlation of 1, loss 0; at T=4 the loss is scaled by 16
+    same = DistillOutputs(2 * t, t, y)
+    assert InterClassRelation(1.0)(DistillOutputs(t, t, y)).item() == pytest.approx(0.0, abs=1e-6)
+    assert InterClassRelation(4.0)(same).item() == pytest.approx(
+        16 * (1 - _pearson_rows(F.softmax(2 * t / 4, -1), F.softmax(t / 4, -1))), rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize(("scheme", "terms"), [("dist", {"ce", "inter", "intra"}), ("ls_kd", {"ce", "kd"})])
+def test_the_newer_losses_compose_from_their_yaml(scheme, terms):
+    from tests.conftest import make_cfg
+
+    loss = WeightedSum.from_config(make_cfg([f"distill={scheme}"]).distill.terms)
+    assert set(loss.terms) == terms
+    s, t, y = torch.randn(8, 4), torch.randn(8, 4), torch.randint(0, 4, (8,))
+    parts = loss(DistillOutputs(s, t, y))
+    assert set(parts) == terms and all(torch.isfinite(v) for v in parts.values())

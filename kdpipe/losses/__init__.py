@@ -9,8 +9,17 @@ term as `train/loss_<name>`.
 from kdpipe.losses.base import DistillOutputs, LossTerm, WeightedSum
 from kdpipe.losses.feature import AttentionTransfer, Hint
 from kdpipe.losses.relation import RKDAngle, RKDDistance, SimilarityPreserving
-from kdpipe.losses.response import CrossEntropy, NonTargetClassKD, SoftTargetKL, TargetClassKD, soft_kl
+from kdpipe.losses.response import (
+    CrossEntropy,
+    InterClassRelation,
+    IntraClassRelation,
+    LogitStandardizedKL,
+    NonTargetClassKD,
+    SoftTargetKL,
+    TargetClassKD,
+    soft_kl,
+)
 
-__all__ = ["AttentionTransfer", "CrossEntropy", "DistillOutputs", "Hint", "LossTerm", "NonTargetClassKD",
-           "RKDAngle", "RKDDistance", "SimilarityPreserving", "SoftTargetKL", "TargetClassKD", "WeightedSum",
-           "soft_kl"]
+__all__ = ["AttentionTransfer", "CrossEntropy", "DistillOutputs", "Hint", "InterClassRelation",
+           "IntraClassRelation", "LogitStandardizedKL", "LossTerm", "NonTargetClassKD", "RKDAngle",
+           "RKDDistance", "SimilarityPreserving", "SoftTargetKL", "TargetClassKD", "WeightedSum", "soft_kl"]

@@ -77,3 +77,57 @@ class NonTargetClassKD(LossTerm):
         # The target logit pushed 1000 down (as in the authors' code): the softmax over the
         # remaining classes, renormalised, without the NaN an -inf would give.
         return soft_kl(s - 1000.0 * mask, t - 1000.0 * mask, self.temperature)
+
+
+def standardize(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Each sample's logits as z-scores: minus their mean, over their (unbiased) std."""
+    return (logits - logits.mean(dim=-1, keepdim=True)) / (logits.std(dim=-1, keepdim=True) + eps)
+
+
+class LogitStandardizedKL(LossTerm):
+    """Logit-standardised KD (Sun, Ren, Li, Wang & Cao 2024, CVPR, "Logit Standardization in
+    Knowledge Distillation"): `T^2 * KL(softmax(z(t)/T) || softmax(z(s)/T))` with `z` the per-sample
+    z-score of the logits. The student then matches the teacher's logit relations, not their
+    range and scale, which a smaller student may not be able to reach."""
+
+    def __init__(self, temperature: float = 2.0) -> None:
+        super().__init__()
+        self.temperature = limits.temperature(temperature)
+
+    def forward(self, out: DistillOutputs) -> torch.Tensor:
+        return soft_kl(standardize(out.student_logits), standardize(out.teacher_logits), self.temperature)
+
+
+def mean_pearson(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """The mean over rows of the Pearson correlation between the rows of `a` and of `b`."""
+    a = a - a.mean(dim=1, keepdim=True)
+    b = b - b.mean(dim=1, keepdim=True)
+    return ((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)).mean()
+
+
+class InterClassRelation(LossTerm):
+    """DIST's inter-class term (Huang, You, Wang, Qian & Xu 2022, NeurIPS, "Knowledge Distillation
+    from A Stronger Teacher"): `T^2 * (1 - mean Pearson correlation)` between the student's and the
+    teacher's class distributions of each sample, at temperature T. A correlation, not a KL: the
+    student keeps the teacher's ranking of the classes without matching its exact probabilities,
+    which helps when the teacher is much stronger. Weight `beta` of the paper."""
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        super().__init__()
+        self.temperature = limits.temperature(temperature)
+
+    def forward(self, out: DistillOutputs) -> torch.Tensor:
+        T = self.temperature
+        p_s, p_t = F.softmax(out.student_logits / T, dim=-1), F.softmax(out.teacher_logits / T, dim=-1)
+        return T**2 * (1.0 - mean_pearson(p_s, p_t))
+
+
+class IntraClassRelation(InterClassRelation):
+    """DIST's intra-class term (Huang et al. 2022): the same correlation taken per class, across the
+    samples of the batch: how the teacher ranks the samples by their probability of each class.
+    Weight `gamma` of the paper."""
+
+    def forward(self, out: DistillOutputs) -> torch.Tensor:
+        T = self.temperature
+        p_s, p_t = F.softmax(out.student_logits / T, dim=-1), F.softmax(out.teacher_logits / T, dim=-1)
+        return T**2 * (1.0 - mean_pearson(p_s.T, p_t.T))
