@@ -90,6 +90,8 @@ OFFLINE_TERMS = {
     "attention": {"at", "ce"},
     "rkd": {"distance", "angle", "ce"},
     "sp": {"sp", "ce"},
+    "ls_kd": {"kd", "ce"},
+    "dist": {"inter", "intra", "ce"},
 }
 
 
