@@ -20,11 +20,6 @@ from kdpipe.locks import LockError, lock_dir
 _SOURCE_CONF = Path(__file__).resolve().parent.parent / "conf"
 CONFIG_PATH = str(_SOURCE_CONF) if (_SOURCE_CONF / "config.yaml").is_file() else "pkg://kdpipe.conf"
 
-# The folders on the way to the run folder that existed before Hydra started the job (noted by
-# `entry`; None when `main` was called otherwise): a job refused by `validate` removes the run
-# folder Hydra made for it, and no folder of this set.
-_EXISTED: frozenset[Path] | None = None
-
 
 def _quiet_libraries() -> None:
     """Keep the console for progress bars and the summary: library chatter goes to WARNING."""
@@ -55,11 +50,7 @@ def main(cfg: DictConfig) -> float | None:
 
     _quiet_libraries()
     try:
-        try:
-            validate(cfg)
-        except ConfigError:
-            _remove_own_run_dir()
-            raise
+        validate(cfg)
         with on_sigterm():
             metrics = run_pipeline(cfg, Path(HydraConfig.get().runtime.output_dir))
     except (ConfigError, LockError) as exc:
@@ -84,51 +75,6 @@ def main(cfg: DictConfig) -> float | None:
     return metrics.get(cfg.get("optimized_metric") or "test/acc")
 
 
-def _remove_own_run_dir() -> None:
-    """After `validate` refused the config nothing has run: remove the run folder Hydra made for
-    this job (its `.hydra/` copies of the config and its empty log) and the parents made for it,
-    so a bad input leaves nothing behind. Only a single run's folder that did not exist before the
-    command and holds nothing else; never the working directory or a folder above it."""
-    from hydra.types import RunMode
-
-    hc = HydraConfig.get()
-    if _EXISTED is None or hc.mode != RunMode.RUN:
-        return
-    out = Path(hc.runtime.output_dir)
-    sub = out / hc.output_subdir if hc.output_subdir else None
-    hydra_files = {"config.yaml", "hydra.yaml", "overrides.yaml"}
-    ours = {f"{hc.job.name}.log", *([sub.name] if sub else [])}
-    try:
-        if out in _EXISTED or not set(os.listdir(out)) <= ours:
-            return
-        if sub is not None and sub.is_dir():
-            if not set(os.listdir(sub)) <= hydra_files:
-                return
-            for name in os.listdir(sub):
-                (sub / name).unlink()
-            sub.rmdir()
-        (out / f"{hc.job.name}.log").unlink(missing_ok=True)
-        out.rmdir()
-        keep = _EXISTED | {Path.cwd(), *Path.cwd().parents}
-        for parent in out.parents:
-            if parent in keep:
-                break
-            parent.rmdir()  # OSError when not empty: stop there
-    except OSError:
-        pass
-
-
-def _note_existing_folders(args: list[str], configs: list) -> None:
-    """Note which folders on the way to the run folder exist before Hydra creates it."""
-    global _EXISTED
-    from kdpipe.preflight import is_multirun, output_dir
-
-    where = output_dir(configs[0], exact=True) if configs and not is_multirun(args, configs[0]) else None
-    if where is not None:
-        run_dir = Path(os.path.abspath(where[1]))
-        _EXISTED = frozenset(p for p in (run_dir, *run_dir.parents) if p.is_dir())
-
-
 def entry() -> None:
     """The `kdpipe` command: a misspelled key, a wrongly typed value or a value out of its range
     (each value of a sweep) fails here, in one line naming the key, before torch, Lightning and
@@ -146,7 +92,6 @@ def entry() -> None:
     except (ConfigError, LockError) as exc:
         print(f"kdpipe: error: {exc}", file=sys.stderr)
         sys.exit(2)
-    _note_existing_folders(args, configs)
     main()
     # The interpreter's last garbage collection walks every object torch, Lightning and MLflow made
     # (about 4 s on 2 cores, scripts/bench_default_run.py); the job is done, so skip it.

@@ -16,7 +16,7 @@ from kdpipe.compress.checks import check_compression
 from kdpipe.distill.checks import validate_distill
 from kdpipe.errors import ConfigError
 from kdpipe.limits import check_config
-from kdpipe.preflight import teacher_checkpoint_problem
+from kdpipe.preflight import accelerator_problem, teacher_checkpoint_problem
 
 
 def _check_output_size(role: str, cfg: DictConfig, in_shape: tuple[int, ...], num_classes: int) -> None:
@@ -35,25 +35,12 @@ def _check_output_size(role: str, cfg: DictConfig, in_shape: tuple[int, ...], nu
         )
 
 
-def _check_accelerator(cfg: DictConfig) -> None:
-    """`trainer.accelerator=gpu` (or `cuda`, `mps`) on a machine where torch finds no such device:
-    one line instead of Lightning's MisconfigurationException."""
-    trainer = cfg.get("trainer")
-    accelerator = str(trainer.get("accelerator") or "auto").lower() if trainer is not None else "auto"
-    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
-    if (accelerator == "cuda" and not cuda) or (accelerator == "gpu" and not (cuda or mps)):
-        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
-        raise ConfigError(f"trainer.accelerator={accelerator}: torch finds no GPU here "
-                          f"(torch.cuda.is_available() is False; torch {torch.__version__}, {build}); "
-                          f"use trainer.accelerator=cpu, or auto to take a GPU when there is one")
-    if accelerator == "mps" and not mps:
-        raise ConfigError("trainer.accelerator=mps: torch finds no Apple GPU here "
-                          "(torch.backends.mps.is_available() is False); use trainer.accelerator=cpu or auto")
-
-
 def validate(cfg: DictConfig) -> None:
     """Raise `ConfigError` on the first nonsensical value."""
-    _check_accelerator(cfg)
+    accelerator = str(OmegaConf.select(cfg, "trainer.accelerator") or "auto")
+    problem = accelerator_problem(accelerator)
+    if problem:
+        raise ConfigError(problem)
     data = cfg.data
     in_shape = (int(data.channels), int(data.height), int(data.width))
     num_classes = int(data.num_classes)

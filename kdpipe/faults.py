@@ -114,10 +114,6 @@ def owner_state(run: Run) -> str:
     return "alive"
 
 
-def _owner_is_dead(run: Run) -> bool:
-    return owner_state(run) == "dead"
-
-
 def orphan_runs(all_hosts: bool = False) -> list[tuple[Run, str]]:
     """RUNNING runs of kdpipe in the store (every experiment), each with `owner_state`: those of
     this host only, unless `all_hosts`."""
@@ -146,17 +142,12 @@ def reap_orphans() -> list[str]:
 
 
 def interrupted_runs(cache_key: str, key_tag: str = "kdpipe.cache_key") -> list[Run]:
-    """The runs of this stage that did not finish, newest first: KILLED or FAILED ones, and
-    RUNNING ones whose owner process is gone (marked KILLED here)."""
-    client = MlflowClient()
+    """The runs of this stage that did not finish, newest first: KILLED or FAILED ones (a dead
+    owner's RUNNING run was marked KILLED by `reap_orphans` when this job started)."""
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
                               filter_string=f"tags.`{key_tag}` = '{cache_key}'",
                               order_by=["attributes.start_time DESC"])
-    dead = [r for r in runs if r.info.status == "RUNNING" and _owner_is_dead(r)]
-    for run in dead:
-        client.set_terminated(run.info.run_id, "KILLED")
-    dead_ids = {r.info.run_id for r in dead}
-    return [r for r in runs if r.info.run_id in dead_ids or r.info.status in ("KILLED", "FAILED")]
+    return [r for r in runs if r.info.status in ("KILLED", "FAILED")]
 
 
 def checkpoint_dir(root: str | os.PathLike, key: str) -> Path:

@@ -182,21 +182,16 @@ def _raw(cfg: DictConfig, key: str) -> str | None:
     return None if value is None else str(value)
 
 
-def output_dir(cfg: DictConfig, multirun: bool = False, exact: bool = False) -> tuple[str, str] | None:
+def output_dir(cfg: DictConfig, multirun: bool = False) -> tuple[str, str] | None:
     """(key, folder) of the job's output: `hydra.run.dir`, or `hydra.sweep.dir` for a multirun,
     resolved as Hydra will (`${now:...}` at this moment). A value that resolves only in the job
-    gives its fixed part (`outputs/` of `outputs/${hydra.job.name}`); with `exact`, None for any
-    value that reads Hydra's job node (its name, its overrides), which only the job knows."""
+    gives its fixed part (`outputs/` of `outputs/${hydra.job.name}`)."""
     if "hydra" not in cfg:
         return None
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     raw = _raw(cfg, key) or ""
-    if exact and "${hydra" in raw.replace(" ", ""):  # the job's name or overrides: known in the job only
-        return None
     value = _get(cfg, key)
     if value is _UNRESOLVED:
-        if exact:
-            return None
         value = os.path.dirname(raw.split("${")[0]) or "."
     return None if value is None else (key, str(value))
 
@@ -297,6 +292,12 @@ def preflight(cfg: DictConfig, multirun: bool = False, memo: dict | None = None)
         done.add(what)
         return True
 
+    accelerator = _get(cfg, "trainer.accelerator") if "trainer" in cfg else None
+    if isinstance(accelerator, str):
+        problem = accelerator_problem(accelerator)
+        if problem:
+            raise ConfigError(problem)
+
     if "tracking" in cfg:
         experiment = _get(cfg, "tracking.experiment")
         if experiment is not _UNRESOLVED:
@@ -338,6 +339,27 @@ def preflight(cfg: DictConfig, multirun: bool = False, memo: dict | None = None)
         if reason:
             raise ConfigError(f"tracking.uri={uri} does not answer ({reason}); start a server "
                               f"({START_SERVER}) or use tracking=local")
+
+
+def accelerator_problem(accelerator: str) -> str | None:
+    """Why `trainer.accelerator=<accelerator>` cannot run here (a GPU asked for where torch finds
+    none), or None. Imports torch, but only when a GPU is asked for: the usual `cpu` and `auto`
+    need no check, and the command line stays torch-free for them."""
+    accelerator = str(accelerator).lower()
+    if accelerator not in ("gpu", "cuda", "mps"):
+        return None
+    import torch
+
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if (accelerator == "cuda" and not cuda) or (accelerator == "gpu" and not (cuda or mps)):
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        return (f"trainer.accelerator={accelerator}: torch finds no GPU here (torch.cuda.is_available() "
+                f"is False; torch {torch.__version__}, {build}); use trainer.accelerator=cpu, or auto to "
+                f"take a GPU when there is one")
+    if accelerator == "mps" and not mps:
+        return ("trainer.accelerator=mps: torch finds no Apple GPU here (torch.backends.mps.is_available() "
+                "is False); use trainer.accelerator=cpu or auto")
+    return None
 
 
 def is_multirun(args: Sequence[str], cfg: DictConfig | None = None) -> bool:

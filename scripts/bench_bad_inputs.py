@@ -5,10 +5,10 @@ directory (its own SQLite store), and prints one line per row (exit code, wall s
 was rejected cleanly: exit 2, one `kdpipe: error:` line holding the expected key and fix, no
 traceback, nothing left in the directory), then the count, how many were rejected cleanly and the
 median seconds to reject. Rows about read-only or full file systems need `unshare -rm` (a private
-user+mount namespace) and are skipped without it; `--skip-main` leaves out the row refused inside
-main() after torch is imported (~9 s).
+user+mount namespace) and are skipped without it; `--skip-torch` leaves out the row whose check
+imports torch (about 2 s).
 
-    python scripts/bench_bad_inputs.py [--repeat 1] [--skip-main]
+    python scripts/bench_bad_inputs.py [--repeat 1] [--skip-torch]
 
 Exits 1 when a row is not rejected cleanly.
 """
@@ -33,11 +33,11 @@ from tests.conftest import run_cli  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=1, help="runs per row (its median is used)")
-    parser.add_argument("--skip-main", action="store_true", help="leave out rows refused inside main()")
+    parser.add_argument("--skip-torch", action="store_true", help="leave out rows whose check imports torch")
     opts = parser.parse_args(argv)
 
     mount = unshare_works()
-    rows = [r for r in ROWS if (mount or not r.mount) and not (opts.skip_main and r.in_main)]
+    rows = [r for r in ROWS if (mount or not r.mount) and not (opts.skip_torch and r.needs_torch)]
     skipped = [r.id for r in ROWS if r not in rows]
     medians, clean, failed = [], 0, []
     with tempfile.TemporaryDirectory(prefix="kdpipe-bench-bad-") as tmp:
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{'clean' if not found else 'NOT CLEAN'}  {first[:110]}", flush=True)
             if found:
                 failed.append(f"{row.id}: {found[0]}")
-    fast = [m for r, m in zip(rows, medians, strict=True) if not r.in_main]
+    fast = [m for r, m in zip(rows, medians, strict=True) if not r.needs_torch]
     print(f"\n{len(rows)} rows, {clean} rejected cleanly, median {statistics.median(medians):.2f} s "
           f"to reject (before torch: {len(fast)} rows, median {statistics.median(fast):.2f} s, "
           f"max {max(fast):.2f} s)")

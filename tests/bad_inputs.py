@@ -40,7 +40,7 @@ class Row:
     expect: tuple[str, ...]
     env: dict[str, str] = field(default_factory=dict)
     mount: str | None = None  # "ro" or "full": a tmpfs at {mnt}, in a private user+mount namespace
-    in_main: bool = False  # refused by `validate` inside main(), after torch is imported (slow)
+    needs_torch: bool = False  # refused before the job too, but the check imports torch (about 2 s)
 
 
 def _row(id: str, args: str | list[str], *expect: str, **kw) -> Row:
@@ -140,9 +140,9 @@ ROWS = [
     _row("store-read-only", "tracking.uri=sqlite:///{mnt}/mlflow.db",
          "tracking.uri=sqlite:///{mnt}/mlflow.db: cannot write under {mnt} (Read-only file system)",
          mount="ro"),
-    # refused inside main(), after torch is imported: the only slow row
+    # the one check that imports torch (whether it finds a GPU), still before the job starts
     _row("accelerator-gpu-without-gpu", "trainer.accelerator=gpu",
-         "trainer.accelerator=gpu: torch finds no GPU here", "use trainer.accelerator=cpu", in_main=True),
+         "trainer.accelerator=gpu: torch finds no GPU here", "use trainer.accelerator=cpu", needs_torch=True),
 ]
 
 

@@ -38,7 +38,7 @@ def summary(request):
     yield
     if not TIMES:
         return
-    fast = [t for row_id, t, _ in TIMES if not next(r for r in ROWS if r.id == row_id).in_main]
+    fast = [t for row_id, t, _ in TIMES if not next(r for r in ROWS if r.id == row_id).needs_torch]
     line = (f"bad inputs: {len(TIMES)} rows run, {sum(ok for *_, ok in TIMES)} rejected cleanly, median "
             f"{statistics.median(t for _, t, _ in TIMES):.2f} s to reject ({len(fast)} before torch: median "
             f"{statistics.median(fast):.2f} s, max {max(fast):.2f} s)" if fast else "")
@@ -65,7 +65,7 @@ def test_a_bad_input_exits_2_with_one_line_naming_it_and_the_fix_and_creates_not
     if row.mount and not _can_mount():
         pytest.skip("`unshare -rm true` fails here: no private user+mount namespace to mount a "
                     "read-only or full tmpfs in")
-    if row.in_main and torch.cuda.is_available():
+    if row.needs_torch and torch.cuda.is_available():
         pytest.skip("this machine has a GPU: trainer.accelerator=gpu is valid here")
     cwd, mnt = tmp_path / "cwd", tmp_path / "mnt"
     cwd.mkdir()
@@ -79,7 +79,7 @@ def test_a_bad_input_exits_2_with_one_line_naming_it_and_the_fix_and_creates_not
 
 def test_the_table_covers_each_kind_of_bad_input():
     assert len(ROWS) >= 30
-    assert sum(r.in_main for r in ROWS) == 1, "rows refused after torch is imported cost ~9 s each"
+    assert sum(r.needs_torch for r in ROWS) == 1, "rows whose check imports torch cost ~2 s each"
 
 
 def test_preflight_passes_the_real_fashion_mnist_files_and_a_sweep(tmp_path, monkeypatch):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+import importlib.util
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -162,9 +164,6 @@ def _user_code(value: Any, found: set[str]) -> set[str]:
 def _source_hash(target: str) -> str | None:
     """A hash of the source file that defines `target` (a user's loss term, model or callback), so
     that editing it recomputes the stages that use it; None for a compiled or built-in module."""
-    import hashlib
-    import importlib.util
-
     module = target
     while module:
         try:

@@ -13,9 +13,9 @@ from kdpipe.distill.schemes import DistillJob
 from kdpipe.errors import ConfigError
 from kdpipe.models.io import build_model, load_model, load_state_dict_any, save_model
 from kdpipe.modules import ClassifierModule
-from kdpipe.preflight import torch_file_problem
+from kdpipe.preflight import sqlite_path, torch_file_problem
 from kdpipe.stages.base import PipelineContext, Product, StageOutput, StageRun, run_stage
-from kdpipe.tracking.store import file_sha256, sqlite_path
+from kdpipe.tracking.store import file_sha256
 
 TRAINING_SECTIONS = ["trainer", "optim", "callbacks"]
 

@@ -22,6 +22,7 @@ from mlflow.entities import Param, Run
 from mlflow.tracking import MlflowClient
 
 from kdpipe.locks import exclusive
+from kdpipe.preflight import sqlite_path
 
 STAGE_TAG = "kdpipe.stage"
 CACHE_KEY_TAG = "kdpipe.cache_key"
@@ -53,16 +54,6 @@ def setup_tracking(uri: str | None, experiment: str, artifact_location: str | No
             exp_id = exp.experiment_id
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
-
-
-def sqlite_path(uri: str) -> Path | None:
-    """The database file of a `sqlite:///...` URI; None for any other store or an in-memory one."""
-    if not uri.startswith("sqlite:"):
-        return None
-    from sqlalchemy.engine import make_url
-
-    database = make_url(uri).database
-    return Path(database) if database and database != ":memory:" else None
 
 
 def seed_sqlite_store(uri: str) -> bool:
