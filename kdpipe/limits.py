@@ -63,6 +63,15 @@ def fraction(value: Any, key: str, what: str = "the share of the samples held ou
     return f
 
 
+def labeled_fraction(value: Any, key: str = "data.labeled_fraction") -> float:
+    """The share of the training images whose labels training sees: in (0, 1]."""
+    f = _number(value, key, "the share of training labels kept, in (0, 1]; 1 keeps all")
+    if not 0.0 < f <= 1.0:
+        raise ConfigError(f"{key}={value} must lie in (0, 1]: the share of training images whose labels "
+                          f"are used (e.g. 0.1); 1 keeps all")
+    return f
+
+
 def split_fractions(val: Any, test: Any, prefix: str = "data.") -> None:
     """Validation and test shares that leave a training split: each in (0, 1), their sum < 1."""
     v = fraction(val, f"{prefix}val_fraction", "the share of the samples held out for validation")
@@ -153,6 +162,7 @@ RANGES: dict[str, Callable[[Any, str], Any]] = {
     "data.num_classes": num_classes,
     "data.val_fraction": partial(fraction, what="the share of the samples held out for validation"),
     "data.test_fraction": partial(fraction, what="the share of the samples held out for testing"),
+    "data.labeled_fraction": labeled_fraction,
     "tracking.experiment": name,
     "eval.latency_iters": partial(positive_int, hint="timed runs per model"),
     "eval.latency_warmup": partial(whole_number, hint="untimed runs before timing"),

@@ -18,6 +18,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from kdpipe import limits
 from kdpipe.errors import ConfigError
 
+# The label of a training image whose label is hidden (`labeled_fraction` < 1): PyTorch's
+# `ignore_index`, so cross-entropy skips it and every term that reads labels can mask it.
+UNLABELED = -100
+
 
 def file_identity(paths) -> list[tuple[str, int, int]]:
     """(path, size, mtime) of each file: changes when a file is replaced, so cached statistics
@@ -76,9 +80,11 @@ class TensorDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         augment: list | None = None,
+        labeled_fraction: float = 1.0,
     ) -> None:
         super().__init__()
         limits.split_fractions(val_fraction, test_fraction)  # as the command line checks them
+        self.labeled_fraction = limits.labeled_fraction(labeled_fraction)
         limits.num_classes(num_classes)
         self.in_shape = (channels, height, width)
         self.num_classes = num_classes
@@ -89,6 +95,7 @@ class TensorDataModule(pl.LightningDataModule):
         self.seed = seed
         self.augment = list(augment or [])
         self.train_set: TensorDataset | None = None
+        self.labeled_set: TensorDataset | None = None
 
     def load(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Return all samples as float images `(N, C, H, W)` and int64 labels `(N,)`."""
@@ -119,12 +126,31 @@ class TensorDataModule(pl.LightningDataModule):
             splits["val"] = (x[perm[:n_val]], y[perm[:n_val]])
             splits["train"] = (x[perm[n_val:]], y[perm[n_val:]])
         self._check_shape(splits["train"])
+        splits["train"] = self._hide_labels(*splits["train"])
         self.fingerprint = splits_fingerprint(splits)
         self.mean, self.std = self._train_statistics(splits["train"][0])
         norm = {k: ((x - self.mean) / self.std, y) for k, (x, y) in splits.items()}
         self.train_set = TensorDataset(*norm["train"])
+        labeled = norm["train"][1] != UNLABELED
+        self.labeled_set = (self.train_set if bool(labeled.all())
+                            else TensorDataset(*(t[labeled] for t in norm["train"])))
         self.val_set = TensorDataset(*norm["val"])
         self.test_set = TensorDataset(*norm["test"])
+
+    def _hide_labels(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hinton's transfer set: keep the labels of a seeded `labeled_fraction` of the training
+        images (at least one per class present, so every class is seen) and mark the rest
+        `UNLABELED`. The images all stay: distillation reads the teacher's outputs on them."""
+        if self.labeled_fraction >= 1.0:
+            return x, y
+        gen = torch.Generator().manual_seed(self.seed + 1)
+        order = torch.randperm(len(y), generator=gen)
+        keep = torch.zeros(len(y), dtype=torch.bool)
+        keep[order[:max(1, int(round(len(y) * self.labeled_fraction)))]] = True
+        for c in torch.unique(y).tolist():  # a class left without any label could never be learnt
+            if not keep[y == c].any():
+                keep[order[(y[order] == c).nonzero()[0, 0]]] = True
+        return x, torch.where(keep, y, torch.full_like(y, UNLABELED))
 
     def stats_key(self) -> dict | None:
         """What identifies the training split (files, seed, split sizes), so its normalisation
@@ -189,6 +215,13 @@ class TensorDataModule(pl.LightningDataModule):
                           collate_fn=collate_batch if batched else None)
 
     def train_dataloader(self) -> DataLoader:
+        """Batches of the labeled training images: what training on hard labels sees (the
+        teacher stage, `distill=none`, fine-tuning). All of them unless `labeled_fraction` < 1."""
+        return self._loader(self.labeled_set, shuffle=True)
+
+    def transfer_dataloader(self) -> DataLoader:
+        """Batches of every training image, labeled or not (label `UNLABELED`): what a student
+        distilled from a teacher sees (Hinton et al. 2015's transfer set)."""
         return self._loader(self.train_set, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:

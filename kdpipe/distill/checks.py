@@ -22,7 +22,8 @@ def validate_distill(cfg: DictConfig) -> None:
     data, dcfg = cfg.data, cfg.distill
     in_shape = (int(data.channels), int(data.height), int(data.width))
     spec = data.get("augment")
-    augment = build_augmentation(OmegaConf.to_container(spec, resolve=True) if spec else [], in_shape)
+    augment = build_augmentation(OmegaConf.to_container(spec, resolve=True) if spec else [], in_shape,
+                                 int(data.num_classes))
     scheme = build(dcfg.scheme, "distill.scheme")
     if not callable(getattr(scheme, "train", None)):
         raise ConfigError(f"distill.scheme: {dcfg.scheme._target_} has no train(job) method; a scheme "

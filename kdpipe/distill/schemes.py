@@ -79,6 +79,12 @@ class DistillJob:
                                   self.optim, self.augment)
 
 
+def transfer_loader(datamodule):
+    """Every training image, labeled or not (`data.labeled_fraction`): what a student learns
+    from a teacher on. A data module without `transfer_dataloader` gives its training loader."""
+    return getattr(datamodule, "transfer_dataloader", datamodule.train_dataloader)()
+
+
 def log_val_acc(name: str, trainer, step: int) -> None:
     """A per-fit validation accuracy (a fit restored whole after a kill validated nothing here)."""
     acc = val_acc(trainer)
@@ -158,7 +164,8 @@ class Offline:
             teacher.temperature = self.ensemble_temperature  # average the members' distributions at T
         for i, arch in enumerate(self.chain_archs(job.student_arch)):
             assistant = build_model(arch)
-            trainer = job.fitter.fit(job.distiller(assistant, teacher, job.loss()), f"ta{i}", job.max_epochs)
+            trainer = job.fitter.fit(job.distiller(assistant, teacher, job.loss()), f"ta{i}", job.max_epochs,
+                                     train_loader=transfer_loader(job.datamodule))
             log_val_acc("chain/val_acc", trainer, i)
             teacher = assistant.eval()
         student = job.build_student()
@@ -168,7 +175,6 @@ class Offline:
             mlflow.set_tag("kdpipe.capacity_gap",
                            f"{count_params(student)[0] / count_params(teacher)[0]:.4f}")
         loss = job.loss()
-        loader = None
         if use_cache(self.cache_teacher, cache_blockers(job.augment is not None, loss.teacher_layers,
                                                         bool(self.chain))):
             suffix = f"_T{teacher.temperature:g}" if isinstance(teacher, EnsembleTeacher) else ""
@@ -177,6 +183,7 @@ class Offline:
             loader = cached_train_loader(job.datamodule, logits)
         else:
             mlflow.set_tag(CACHE_TAG, "off")
+            loader = transfer_loader(job.datamodule)
         job.fitter.fit(job.distiller(student, teacher, loss), "student", job.max_epochs, train_loader=loader)
         return student
 

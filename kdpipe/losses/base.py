@@ -15,10 +15,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kdpipe import limits
+from kdpipe.data.base import UNLABELED
 from kdpipe.errors import ConfigError, build
 
 
@@ -64,6 +66,32 @@ def probe_shapes(model: nn.Module, paths: tuple[str, ...], example: torch.Tensor
         for h in handles:
             h.remove()
     return shapes
+
+
+def label_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy with the labels a batch has: class indices, where `UNLABELED` rows are
+    skipped (`data.labeled_fraction` < 1), or rows of class probabilities (mixup and cutmix mix
+    two labels; an unlabeled image's row is zero), averaged over the label mass. A batch without
+    any label gives 0, not NaN."""
+    if target.dtype.is_floating_point:
+        mass = target.sum()
+        if mass <= 0:
+            return logits.sum() * 0.0
+        return -(target * F.log_softmax(logits, dim=-1)).sum() / mass
+    labeled = target != UNLABELED
+    if not bool(labeled.any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[labeled], target[labeled])
+
+
+def hard_labels(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows that have a label, their class index) for terms defined on one target class
+    (DKD): hidden labels are left out; a mixed label counts as its larger share."""
+    if target.dtype.is_floating_point:
+        rows = target.sum(-1) > 0
+        return rows, target.argmax(-1)[rows]
+    rows = target != UNLABELED
+    return rows, target[rows]
 
 
 @dataclass

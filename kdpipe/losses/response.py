@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from kdpipe import limits
-from kdpipe.losses.base import DistillOutputs, LossTerm
+from kdpipe.losses.base import DistillOutputs, LossTerm, hard_labels, label_cross_entropy
 
 
 def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -22,12 +22,13 @@ def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 
 class CrossEntropy(LossTerm):
-    """Cross-entropy of the student's logits with the hard labels."""
+    """Cross-entropy of the student's logits with the labels (the labeled images of the batch;
+    mixed labels under mixup/cutmix)."""
 
     needs_teacher = False
 
     def forward(self, out: DistillOutputs) -> torch.Tensor:
-        return F.cross_entropy(out.student_logits, out.target)
+        return label_cross_entropy(out.student_logits, out.target)
 
 
 class SoftTargetKL(LossTerm):
@@ -55,8 +56,12 @@ class TargetClassKD(LossTerm):
 
     def forward(self, out: DistillOutputs) -> torch.Tensor:
         T = self.temperature
-        mask = F.one_hot(out.target, out.student_logits.shape[-1]).bool()
-        p_s, p_t = F.softmax(out.student_logits / T, dim=-1), F.softmax(out.teacher_logits / T, dim=-1)
+        rows, target = hard_labels(out.target)  # defined on labeled images only
+        if not bool(rows.any()):
+            return out.student_logits.sum() * 0.0
+        s, t = out.student_logits[rows], out.teacher_logits[rows]
+        mask = F.one_hot(target, s.shape[-1]).bool()
+        p_s, p_t = F.softmax(s / T, dim=-1), F.softmax(t / T, dim=-1)
         b_s = torch.stack([p_s[mask], (p_s * ~mask).sum(-1)], dim=-1).clamp_min(1e-12)
         b_t = torch.stack([p_t[mask], (p_t * ~mask).sum(-1)], dim=-1).clamp_min(1e-12)
         return F.kl_div(b_s.log(), b_t, reduction="batchmean") * T**2
@@ -72,8 +77,11 @@ class NonTargetClassKD(LossTerm):
         self.temperature = limits.temperature(temperature)
 
     def forward(self, out: DistillOutputs) -> torch.Tensor:
-        s, t = out.student_logits, out.teacher_logits
-        mask = F.one_hot(out.target, s.shape[-1]).bool()
+        rows, target = hard_labels(out.target)  # defined on labeled images only
+        if not bool(rows.any()):
+            return out.student_logits.sum() * 0.0
+        s, t = out.student_logits[rows], out.teacher_logits[rows]
+        mask = F.one_hot(target, s.shape[-1]).bool()
         # The target logit pushed 1000 down (as in the authors' code): the softmax over the
         # remaining classes, renormalised, without the NaN an -inf would give.
         return soft_kl(s - 1000.0 * mask, t - 1000.0 * mask, self.temperature)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from kdpipe.losses.base import label_cross_entropy
 from kdpipe.training import Optim
 
 
@@ -37,12 +38,12 @@ class ClassifierModule(pl.LightningModule):
         """Augment on the device, before the step: whatever the step runs (student, teacher,
         peers) sees this one view."""
         if self.augment is not None and self.trainer.training:
-            x, *rest = batch
-            batch = (self.augment(x), *rest)
+            x, y, *rest = batch
+            batch = (*self.augment(x, y), *rest)
         return batch
 
     def training_loss(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"ce": F.cross_entropy(self.model(x), y)}
+        return {"ce": label_cross_entropy(self.model(x), y)}
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
