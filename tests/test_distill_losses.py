@@ -244,12 +244,63 @@ def test_dist_terms_are_one_minus_the_pearson_correlation_per_sample_and_per_cla
         16 * (1 - _pearson_rows(F.softmax(2 * t / 4, -1), F.softmax(t / 4, -1))), rel=1e-4, abs=1e-5)
 
 
-@pytest.mark.parametrize(("scheme", "terms"), [("dist", {"ce", "inter", "intra"}), ("ls_kd", {"ce", "kd"})])
+@pytest.mark.parametrize(("scheme", "terms"), [("dist", {"ce", "inter", "intra"}), ("ls_kd", {"ce", "kd"}),
+                                                ("crd", {"ce", "crd"})])
 def test_the_newer_losses_compose_from_their_yaml(scheme, terms):
+    from kdpipe.models import cnn
     from tests.conftest import make_cfg
 
     loss = WeightedSum.from_config(make_cfg([f"distill={scheme}"]).distill.terms)
     assert set(loss.terms) == terms
+    student, teacher = cnn((1, 8, 8), 4, width=2, depth=2), cnn((1, 8, 8), 4, width=4, depth=2)
+    loss.setup(student, teacher, torch.zeros(2, 1, 8, 8))
     s, t, y = torch.randn(8, 4), torch.randn(8, 4), torch.randint(0, 4, (8,))
-    parts = loss(DistillOutputs(s, t, y))
+    feats = {"pool": torch.randn(8, 4)}, {"pool": torch.randn(8, 8)}
+    parts = loss(DistillOutputs(s, t, y, *feats))
     assert set(parts) == terms and all(torch.isfinite(v) for v in parts.values())
+
+
+def test_info_nce_by_hand():
+    from kdpipe.losses.contrastive import info_nce
+
+    # anchor . positive = 1, anchor . negative = 0, tau = 1: -log(e / (e + 1)) = log(1 + 1/e)
+    a, p, n = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    assert info_nce(a, p, n, 1.0).item() == pytest.approx(math.log(1 + math.exp(-1)), rel=1e-6)
+    # tau = 0.5 doubles the scores; two negatives at 0.6 and -0.8
+    n2 = torch.tensor([[0.6, 0.8], [-0.8, 0.6]])
+    want = -math.log(math.exp(2) / (math.exp(2) + math.exp(1.2) + math.exp(-1.6)))
+    assert info_nce(a, p, n2, 0.5).item() == pytest.approx(want, rel=1e-6)
+
+
+def test_crd_contrasts_both_ways_against_its_memory_banks_and_fills_them_as_a_queue():
+    from kdpipe.losses import ContrastiveRepresentation
+    from kdpipe.losses.contrastive import info_nce
+    from kdpipe.models import cnn
+
+    term = ContrastiveRepresentation(feat_dim=2, num_negatives=3, nce_temperature=0.5)
+    student, teacher = cnn((1, 8, 8), 4, width=2, depth=2), cnn((1, 8, 8), 4, width=4, depth=2)
+    term.setup(student, teacher, torch.zeros(2, 1, 8, 8))
+    assert (term.embed_s.in_features, term.embed_t.in_features) == (4, 8)  # probed `pool` widths
+    with torch.no_grad():  # embeddings that pass the first two feature columns through
+        for lin in (term.embed_s, term.embed_t):
+            lin.weight.zero_(), lin.bias.zero_()
+            lin.weight[0, 0] = lin.weight[1, 1] = 1.0
+    f_s = torch.tensor([[3.0, 4.0, 9.0, 9.0], [1.0, 0.0, 9.0, 9.0]])
+    f_t = torch.tensor([[0.0, 2.0, *[5.0] * 6], [2.0, 0.0, *[5.0] * 6]])
+    bank_s, bank_t = term.bank_s.clone(), term.bank_t.clone()
+    out = DistillOutputs(torch.zeros(2, 4), torch.zeros(2, 4), torch.tensor([0, 1]),
+                         {"pool": f_s}, {"pool": f_t})
+    v_s, v_t = torch.tensor([[0.6, 0.8], [1.0, 0.0]]), torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    want = info_nce(v_s, v_t, bank_t, 0.5) + info_nce(v_t, v_s, bank_s, 0.5)
+    # the first row by hand: its own pair scores 0.8, against the teacher bank's three rows
+    row = torch.cat([torch.tensor([0.8]), bank_t @ v_s[0]]) / 0.5
+    assert -F.log_softmax(row, 0)[0].item() == pytest.approx(info_nce(v_s[:1], v_t[:1], bank_t, 0.5).item())
+    assert term(out).item() == pytest.approx(want.item(), rel=1e-5)
+    # the batch went into the banks (rows 0 and 1); the next batch wraps around to row 0
+    assert torch.allclose(term.bank_s[:2], v_s) and torch.allclose(term.bank_t[:2], v_t)
+    assert torch.equal(term.bank_s[2], bank_s[2]) and int(term.bank_next) == 2
+    term(out)
+    assert int(term.bank_next) == 1 and torch.allclose(term.bank_s[2], v_s[0])
+    term.eval()
+    term(out)
+    assert int(term.bank_next) == 1, "evaluation does not write the banks"

@@ -92,6 +92,7 @@ OFFLINE_TERMS = {
     "sp": {"sp", "ce"},
     "ls_kd": {"kd", "ce"},
     "dist": {"inter", "intra", "ce"},
+    "crd": {"crd", "ce"},
 }
 
 
@@ -165,7 +166,7 @@ def test_augmentation_gives_teacher_and_student_the_same_new_view(tiny):
 
     student.register_forward_hook(keep("student"))
     teacher_hook = teacher.register_forward_hook(keep("teacher"))
-    augment = build_augmentation(["crop", "flip", "jitter"], (1, 8, 8))
+    augment = build_augmentation(["crop", "flip", "jitter", "mixup"], (1, 8, 8), 4)
     module = DistillationModule(student, teacher, _loss(["distill=kd"]), 4, dm.example_input(2), ADAMW,
                                 augment=augment)
     trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,

@@ -7,6 +7,7 @@ term as `train/loss_<name>`.
 """
 
 from kdpipe.losses.base import DistillOutputs, LossTerm, WeightedSum
+from kdpipe.losses.contrastive import ContrastiveRepresentation
 from kdpipe.losses.feature import AttentionTransfer, Hint
 from kdpipe.losses.relation import RKDAngle, RKDDistance, SimilarityPreserving
 from kdpipe.losses.response import (
@@ -20,6 +21,7 @@ from kdpipe.losses.response import (
     soft_kl,
 )
 
-__all__ = ["AttentionTransfer", "CrossEntropy", "DistillOutputs", "Hint", "InterClassRelation",
-           "IntraClassRelation", "LogitStandardizedKL", "LossTerm", "NonTargetClassKD", "RKDAngle",
+__all__ = ["AttentionTransfer", "ContrastiveRepresentation", "CrossEntropy", "DistillOutputs", "Hint",
+           "InterClassRelation", "IntraClassRelation", "LogitStandardizedKL", "LossTerm", "NonTargetClassKD",
+           "RKDAngle",
            "RKDDistance", "SimilarityPreserving", "SoftTargetKL", "TargetClassKD", "WeightedSum", "soft_kl"]
