@@ -278,3 +278,26 @@ def test_a_runs_uri_that_names_no_run_fails_in_one_line_before_any_run_exists(st
         run_pipeline(make_cfg([*QUICK, f"teacher.checkpoint={bad}"]), tmp_path / "b")
     assert "\n" not in str(err.value)
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+
+
+def test_a_loaded_teacher_serves_students_of_every_seed_and_learning_rate_once(store, tmp_path):
+    """A teacher given by file does not depend on the seed, the optimiser or the epochs: one teacher
+    run and one set of cached logits serve a whole study of students; another file does not."""
+    cfg = make_cfg(QUICK)
+    arch = OmegaConf.to_container(cfg.teacher.model, resolve=True)
+    path = tmp_path / "teacher.pt"
+    torch.manual_seed(0)
+    save_model(instantiate(cfg.teacher.model), arch, path)
+    base = [*QUICK, f"teacher.checkpoint={path}", "distill=kd", "data.seed=0"]  # one split for all
+    for i, extra in enumerate([["seed=0"], ["seed=1"], ["seed=1", "optim.lr=0.003", "trainer.max_epochs=2"]]):
+        run_pipeline(make_cfg([*base, *extra]), tmp_path / str(i))
+    teachers = _stage("teacher")[:3]
+    assert len({t.data.tags["kdpipe.cache_key"] for t in teachers}) == 1
+    assert all("kdpipe.reused_from" in t.data.tags for t in teachers[:2])
+    caches = [r.data.tags.get("kdpipe.teacher_cache") for r in _stage("distill")[:3]]
+    assert caches == ["reused", "reused", "computed"]
+    torch.manual_seed(1)
+    save_model(instantiate(cfg.teacher.model), arch, tmp_path / "other.pt")
+    other = [*QUICK, f"teacher.checkpoint={tmp_path / 'other.pt'}", "distill=kd", "data.seed=0"]
+    run_pipeline(make_cfg(other), tmp_path / "o")
+    assert _stage("teacher")[0].data.tags["kdpipe.cache_key"] != teachers[0].data.tags["kdpipe.cache_key"]

@@ -96,7 +96,8 @@ class PipelineContext:
     @functools.cached_property
     def augment(self):
         """The batch augmentation of `data.augment` (None without one)."""
-        return build_augmentation(self.section("data").get("augment"), self.datamodule.in_shape)
+        return build_augmentation(self.section("data").get("augment"), self.datamodule.in_shape,
+                                  self.datamodule.num_classes)
 
     @property
     def example_input(self):
@@ -180,10 +181,11 @@ def _source_hash(target: str) -> str | None:
 
 
 def stage_key(ctx: PipelineContext, stage: str, sections: Sequence[str], upstream: Sequence[StageOutput],
-              extra: Any = None) -> str:
+              extra: Any = None, seeded: bool = True) -> str:
     """Hash of what the stage computes: kdpipe's code (and the source of any user `_target_` it
     uses), the stage's config sections as they resolve here (without `MESSAGE_ONLY_KEYS`), the
-    data as loaded (its fingerprint, not just its config), the seed, and the upstream keys."""
+    data as loaded (its fingerprint, not just its config), the seed (unless the stage's product
+    does not depend on it: `seeded=False`), and the upstream keys."""
     parts = {}
     for name in [*sections, "data"]:
         value = ctx.section(name)
@@ -194,15 +196,15 @@ def stage_key(ctx: PipelineContext, stage: str, sections: Sequence[str], upstrea
         parts[name] = value
     user_code = {t: _source_hash(t) for t in sorted(_user_code(parts, set()))}
     data = getattr(ctx.datamodule, "fingerprint", None)
-    return cache_key(kdpipe.code_version(), user_code, stage, parts, data, ctx.cfg.seed,
+    return cache_key(kdpipe.code_version(), user_code, stage, parts, data, ctx.cfg.seed if seeded else None,
                      [u.cache_key for u in upstream], extra)
 
 
 def run_stage(ctx: PipelineContext, stage: str, sections: Sequence[str], upstream: Sequence[StageOutput],
               compute: Callable[[StageRun], Product | None], extra_key: Any = None,
-              reusable: bool = True) -> StageOutput:
+              reusable: bool = True, seeded: bool = True) -> StageOutput:
     """Run one stage as a nested MLflow run; reuse a finished run with the same key if any."""
-    key = stage_key(ctx, stage, sections, upstream, extra_key)
+    key = stage_key(ctx, stage, sections, upstream, extra_key, seeded)
     tags = {STAGE_TAG: stage, CACHE_KEY_TAG: key, RUN_TYPE_TAG: "stage", **owner_tags()}
     parent = mlflow.active_run()
     if parent is not None and SWEEP_TAG in parent.data.tags:  # a sweep filter finds stage runs too

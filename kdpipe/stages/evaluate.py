@@ -24,28 +24,36 @@ from kdpipe.stages.base import PipelineContext, StageOutput, StageRun, run_stage
 LATENCY_RUNTIME = "onnxruntime-cpu-1thread"
 
 
+def split_metrics(split: str, logits: torch.Tensor, target: torch.Tensor, num_classes: int) -> dict:
+    """Accuracy and expected calibration error (15 bins) of one split's logits."""
+    ece = multiclass_calibration_error(logits.softmax(-1), target, num_classes, n_bins=15)
+    return {f"{split}/acc": float((logits.argmax(-1) == target).float().mean()), f"{split}/ece": float(ece)}
+
+
 def measure(ctx: PipelineContext, out: StageOutput) -> dict[str, float]:
-    """The `test/*`, `model/*`, `latency/*` and `throughput/*` metrics of one model."""
+    """The `test/*`, `val/*`, `model/*`, `latency/*` and `throughput/*` metrics of one model. The
+    validation split's accuracy is what a search optimises (`optimized_metric: val/acc`), so the
+    test split is only ever reported."""
     ecfg = ctx.cfg.eval
-    loader = ctx.datamodule.test_dataloader()
+    dm = ctx.datamodule
     example = ctx.example_input
     if out.kind == "onnx":
         onnx_path = out.path
-        logits, target = onnx_logits(out.path, loader)
+        outputs = {split: onnx_logits(out.path, loader)
+                   for split, loader in (("test", dm.test_dataloader()), ("val", dm.val_dataloader()))}
         torch_model = load_model(out.source.path)
     else:
         torch_model = load_model(out.path)
-        logits, target = torch_logits(torch_model, loader)
+        outputs = {split: torch_logits(torch_model, loader)
+                   for split, loader in (("test", dm.test_dataloader()), ("val", dm.val_dataloader()))}
         onnx_path = export_onnx(torch_model, example, ctx.workdir / "evaluate" / f"{out.stage}.onnx")
     params, nonzero = count_params(torch_model)
     lat = onnx_latency_ms(onnx_path, example, warmup=int(ecfg.latency_warmup), iters=int(ecfg.latency_iters))
     thr = onnx_latency_ms(onnx_path, example, warmup=3, iters=max(5, int(ecfg.latency_iters) // 10),
                           batch_size=int(ecfg.throughput_batch_size), threads=1)
     return {
-        "test/acc": float((logits.argmax(-1) == target).float().mean()),
-        "test/ece": float(
-            multiclass_calibration_error(logits.softmax(-1), target, ctx.num_classes, n_bins=15)
-        ),
+        **split_metrics("test", *outputs["test"], ctx.num_classes),
+        **split_metrics("val", *outputs["val"], ctx.num_classes),
         "model/params": float(params),
         "model/nonzero_params": float(nonzero),
         "model/size_bytes": float(Path(out.path).stat().st_size),
@@ -79,7 +87,10 @@ def evaluate_compute(ctx: PipelineContext, models: list[StageOutput]) -> list[di
         torch.manual_seed(0)
         metrics = measure(ctx, out)
         now = int(time.time() * 1000)
-        client.log_batch(out.run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
+        # a training stage's run has its per-epoch val/* curve already: this point would join it
+        has = client.get_run(out.run_id).data.metrics
+        client.log_batch(out.run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()
+                                              if not (k.startswith("val/") and k in has)])
         client.set_tag(out.run_id, "kdpipe.latency_runtime", LATENCY_RUNTIME)
         rows.append({"stage": out.stage, "kind": out.kind, "run_id": out.run_id, **metrics})
     return rows

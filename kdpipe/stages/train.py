@@ -82,10 +82,13 @@ def teacher_compute(run: StageRun) -> Product:
 def run_teacher(ctx: PipelineContext) -> StageOutput:
     """Train the teacher, or load `teacher.checkpoint` (keyed by the file's content, whatever
     the form of its reference: an overwritten file is loaded again)."""
-    extra = None
     if ctx.cfg.teacher.get("checkpoint"):
-        extra = {"checkpoint_sha256": file_sha256(ctx.teacher_file)}
-    return run_stage(ctx, "teacher", ["teacher", *TRAINING_SECTIONS], [], teacher_compute, extra_key=extra)
+        # A loaded teacher depends on the file and the data only: not on the seed, the optimiser or
+        # the epochs, so students of every seed and setting share its run and its cached logits.
+        extra = {"checkpoint_sha256": file_sha256(ctx.teacher_file),
+                 "model": ctx.section("teacher").get("model")}
+        return run_stage(ctx, "teacher", [], [], teacher_compute, extra_key=extra, seeded=False)
+    return run_stage(ctx, "teacher", ["teacher", *TRAINING_SECTIONS], [], teacher_compute)
 
 
 def run_distill(ctx: PipelineContext, teacher: StageOutput | None) -> StageOutput:
