@@ -1,195 +1,354 @@
-"""Benchmark of the distillation schemes on Fashion-MNIST: test accuracy (mean ± std over seeds)
-of scratch and every scheme for one fixed teacher and student at equal epochs, and the time of a
-distillation epoch with the cached teacher, with the live teacher and of a scratch epoch.
+"""The distillation benchmark of docs/distillation.md: Fashion-MNIST, full training set, a teacher
+above 93 %, students at about 1/10 and 1/50 of its parameters, every scheme at the setting kdpipe's
+own Optuna search picked on the validation split, next to scratch at its own searched learning
+rate; 3 seeds, mean ± std of the last epoch on the official test split. Then the label-scarce
+regime (1 % and 10 % labels) and the temperature curve.
 
-    python scripts/bench_distill.py --limit-train 8000 --epochs 5 --seeds 0 1 2
+    python scripts/bench_distill.py                       # every phase, 2 jobs at a time
+    python scripts/bench_distill.py --phases report       # the tables and plots from the store
 
-Accuracies come from real pipeline runs (`run_pipeline`, prune/quantize off) in a throw-away
-MLflow store; the teacher is trained once (seed 0) and loaded by every other run through
-`teacher.checkpoint`. The data split is fixed (`data.seed=0`); the seed changes the student's
-initialisation. Every scheme runs its config's defaults (`distill=<scheme>`), except
-`born_again` with one generation (`distill.scheme.generations=1`); `deep_to_shallow` runs only
-when named in --schemes. Epoch times are measured separately with a Lightning callback (training
-part of the epoch only, median over epochs after the first), the three variants interleaved for
-3 rounds in one process, so their ratios are comparable even on a busy machine, their absolute
-values less so. The KD timed is `distill=kd`'s `distill.terms` (T=4, alpha=0.9).
+Every run is a `kdpipe` command, printed before it starts, against one MLflow store in
+`--workdir` (`mlflow ui --backend-store-uri sqlite:///<workdir>/mlflow.db` shows them all).
+Phases (a phase skips the commands whose runs an earlier invocation finished):
+
+- `teacher`: cnn width 32 depth 4 (391k parameters), crop+flip augmentation, 20 epochs; every
+  student loads it with `teacher.checkpoint`, so its logits are computed once per training set;
+- `search`: for each scheme, `kdpipe -m hparams_search=<scheme>` on the 1/50 student, seed 0
+  (conf/hparams_search/<scheme>.yaml: the keys and their ranges), `val/acc` maximised;
+- `final`: each student size x scheme x seeds 0-2 at the searched values;
+- `scarce`: `data.labeled_fraction` 0.01 and 0.1: scratch on the labeled images (its epochs chosen
+  on val/acc from a grid, at most the distilled student's optimiser steps) against KD on every image;
+- `temperature`: `experiment=temperature_sweep` with KD's searched alpha, seeds 0-2;
+- `report`: `<workdir>/report.md`, `curves.png` (val/acc per epoch), `temperature.png`.
+
+Jobs run with one torch thread each (`OMP_NUM_THREADS=1`), `--jobs` of them at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
+import os
+import shlex
 import statistics
+import subprocess
 import sys
-import tempfile
 import time
-import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import mlflow
-import pytorch_lightning as pl
-import torch
-from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
+import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from kdpipe.cli import CONFIG_PATH, _quiet_libraries  # noqa: E402
-from kdpipe.distill.cache import cached_train_loader, compute_logits  # noqa: E402
-from kdpipe.losses import WeightedSum  # noqa: E402
-from kdpipe.models.io import build_model, load_model  # noqa: E402
-from kdpipe.modules import ClassifierModule, DistillationModule  # noqa: E402
-from kdpipe.pipeline import run_pipeline  # noqa: E402
-from kdpipe.training import Optim  # noqa: E402
-
-SCHEMES = {
-    "scratch": ["distill=none"],
-    "kd": ["distill=kd"],
-    "dkd": ["distill=dkd"],
-    "fitnet": ["distill=fitnet"],
-    "attention": ["distill=attention"],
-    "rkd": ["distill=rkd"],
-    "sp": ["distill=sp"],
-    "dml": ["distill=dml"],
-    "born_again": ["distill=born_again", "distill.scheme.generations=1"],
-    "deep_to_shallow": ["distill=deep_to_shallow"],
+PHASES = ("teacher", "search", "final", "scarce", "temperature", "report")
+SCHEMES = ("none", "kd", "ls_kd", "dkd", "dist", "crd")
+# Students as fractions of the teacher's 390,890 parameters (cnn width 32 depth 4).
+STUDENTS = {
+    "1/50": ["student.model.width=9", "student.model.depth=3"],    # 7,840 parameters
+    "1/10": ["student.model.width=10", "student.model.depth=4"],   # 39,310 parameters
 }
-# The schemes run when --schemes is not given: those of the table in docs/distillation.md.
-DEFAULT_SCHEMES = [name for name in SCHEMES if name != "deep_to_shallow"]
+TEACHER = ["teacher.model.depth=4", "teacher.max_epochs=20"]
+TEACHER_AUGMENT = "data.augment=[crop,flip]"
+COMMON = ["data=fashion_mnist", "data.seed=0", "prune=none", "quantize=none", "eval.latency_iters=5",
+          "eval.latency_warmup=1", "trainer.enable_progress_bar=false"]
+# Scratch with few labels: epochs tried (the labeled images are few, so an epoch is short).
+SCARCE_EPOCHS = {"0.01": [100, 300, 800], "0.1": [10, 30, 100]}
 
 
-class EpochTimer(pl.Callback):
-    """Wall and CPU seconds of each training epoch. With one torch thread, CPU time is what the
-    epoch costs even when other processes share the cores; wall time is what a user waits."""
-
-    def __init__(self) -> None:
-        self.wall: list[float] = []
-        self.cpu: list[float] = []
-
-    def on_train_epoch_start(self, trainer, module) -> None:
-        self._t0, self._c0 = time.perf_counter(), time.process_time()
-
-    def on_train_epoch_end(self, trainer, module) -> None:
-        self.wall.append(time.perf_counter() - self._t0)
-        self.cpu.append(time.process_time() - self._c0)
+def std(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def compose_cfg(overrides: list[str]):
-    with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
-        return compose("config", overrides=overrides)
+def mean_std(values: list[float]) -> str:
+    return f"{statistics.mean(values):.2f} ± {std(values):.2f}"
 
 
-def epoch_times(cfg, teacher_path: Path, epochs: int, rounds: int = 3) -> dict[str, dict[str, float]]:
-    """Median training-epoch seconds (wall and CPU) of scratch, KD with cached logits and KD with
-    the live teacher, the three interleaved for `rounds` rounds so that load changes on a shared
-    machine hit all three alike; the first epoch of each fit is left out (warm-up). `cfg` is a
-    `distill=kd` config: its `distill.terms` are the KD loss, its `optim` the optimiser."""
-    dm = instantiate(cfg.data)
-    dm.setup("fit")
-    optim = Optim.from_config(cfg.optim)
-    arch = OmegaConf.to_container(cfg.student.model, resolve=True)
-    teacher = load_model(teacher_path)
-    logits = compute_logits(teacher, dm.train_set)
-    wall: dict[str, list[float]] = {}
-    cpu: dict[str, list[float]] = {}
-    for _ in range(rounds):
-        for name in ("scratch", "kd_cached", "kd_live"):
-            pl.seed_everything(0, verbose=False)
-            student = build_model(arch)
-            if name == "scratch":
-                module = ClassifierModule(student, dm.num_classes, optim)
-            else:
-                module = DistillationModule(student, teacher, WeightedSum.from_config(cfg.distill.terms),
-                                            dm.num_classes, dm.example_input(2), optim)
-            timer = EpochTimer()
-            trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False,
-                                 enable_checkpointing=False, enable_progress_bar=False,
-                                 enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                                 callbacks=[timer])
-            loader = cached_train_loader(dm, logits) if name == "kd_cached" else dm.train_dataloader()
-            trainer.fit(module, train_dataloaders=loader)
-            wall.setdefault(name, []).extend(timer.wall[1:] or timer.wall)
-            cpu.setdefault(name, []).extend(timer.cpu[1:] or timer.cpu)
-    return {name: {"wall": statistics.median(wall[name]), "cpu": statistics.median(cpu[name])}
-            for name in wall}
+def tag(size: str) -> str:
+    return size.replace("/", "_")
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.work: Path = args.workdir.resolve()
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.args = args
+        self.env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+                    "MLFLOW_TRACKING_URI": f"sqlite:///{self.work / 'mlflow.db'}",
+                    "KDPIPE_CHECKPOINT_DIR": str(self.work / "checkpoints")}
+        self.log = (self.work / "commands.log").open("a")
+        self.n_seeds = len(args.seeds.split(","))
+
+    # -- running -------------------------------------------------------------------------------
+    def kdpipe(self, args: list[str], name: str) -> int:
+        """One kdpipe command, its output in <workdir>/logs/<name>.log."""
+        cmd = [sys.executable, "-m", "kdpipe", *args]
+        line = "kdpipe " + " ".join(shlex.quote(a) for a in args)
+        print(f"[{time.strftime('%H:%M:%S')}] {name}: {line}", flush=True)
+        self.log.write(line + "\n")
+        self.log.flush()
+        logs = self.work / "logs"
+        logs.mkdir(exist_ok=True)
+        t0 = time.time()
+        with (logs / f"{name}.log").open("w") as out:
+            rc = subprocess.run(cmd, cwd=self.work, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                check=False).returncode
+        print(f"[{time.strftime('%H:%M:%S')}] {name}: exit {rc} after {time.time() - t0:.0f} s", flush=True)
+        return rc
+
+    def parallel(self, jobs: list[tuple[list[str], str]]) -> None:
+        with ThreadPoolExecutor(self.args.jobs) as pool:
+            codes = list(pool.map(lambda job: self.kdpipe(*job), jobs))
+        failed = [name for (_, name), rc in zip(jobs, codes, strict=True) if rc != 0]
+        if failed:
+            sys.exit(f"failed: {', '.join(failed)} (logs under {self.work / 'logs'})")
+
+    # -- the pieces of a command -------------------------------------------------------------------
+    @property
+    def teacher_file(self) -> Path:
+        return self.work / "teacher" / "teacher" / "model.pt"
+
+    def student(self, size: str, epochs: int | None = None) -> list[str]:
+        return [*COMMON, f"teacher.checkpoint={self.teacher_file}", *TEACHER[:1], *STUDENTS[size],
+                f"student.max_epochs={epochs or self.args.epochs}", *self.args.override]
+
+    def tuned(self, scheme: str) -> list[str]:
+        path = self.work / "search" / scheme / "optimization_results.yaml"
+        if not path.is_file():
+            sys.exit(f"no search result for {scheme} at {path}: run --phases search first")
+        best = yaml.safe_load(path.read_text())["best_params"]
+        return [f"distill={scheme}", *(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                       for k, v in best.items())]
+
+    # -- phases ------------------------------------------------------------------------------------
+    def teacher(self) -> None:
+        if self.teacher_file.is_file():
+            print(f"teacher: {self.teacher_file} exists", flush=True)
+            return
+        self.parallel([([*COMMON, *TEACHER, TEACHER_AUGMENT, "distill=none", "student.max_epochs=1",
+                         *self.args.override,
+                         "tracking.experiment=bench_teacher", f"hydra.run.dir={self.work / 'teacher'}"],
+                        "teacher")])
+
+    def search(self) -> None:
+        jobs = []
+        for scheme in self.args.schemes:
+            if (self.work / "search" / scheme / "optimization_results.yaml").is_file():
+                continue
+            trials = self.args.trials.get(scheme, self.args.default_trials)
+            jobs.append((["-m", f"hparams_search={scheme}", *self.student("1/50"), "seed=0",
+                          f"hydra.sweeper.n_trials={trials}", f"tracking.experiment=bench-search-{scheme}",
+                          f"hydra.sweep.dir={self.work / 'search' / scheme}"], f"search-{scheme}"))
+        self.parallel(jobs)
+
+    def final(self) -> None:
+        jobs = []
+        for size in self.args.sizes:
+            for scheme in self.args.schemes:
+                exp = f"bench-final-{tag(size)}-{scheme}"
+                if self.finished(exp) >= self.n_seeds:
+                    continue
+                jobs.append((["-m", *self.student(size), *self.tuned(scheme), f"seed={self.args.seeds}",
+                              *self.where("final", exp)], exp))
+        self.parallel(jobs)
+
+    def scarce(self) -> None:
+        jobs = []
+        for frac in (0.01, 0.1):
+            exp = f"bench-scarce-{frac:g}-kd"
+            labels = f"data.labeled_fraction={frac}"
+            if self.finished(exp) < self.n_seeds:
+                jobs.append((["-m", *self.student("1/50"), *self.tuned("kd"), labels,
+                              f"seed={self.args.seeds}", *self.where("scarce", exp)], exp))
+            grid, epochs = f"bench-scarce-{frac:g}-none-epochs", self.args.scarce_epochs[str(frac)]
+            if self.finished(grid) < len(epochs):
+                jobs.append((["-m", *self.student("1/50"), *self.tuned("none"), labels, "seed=0",
+                              "student.max_epochs=" + ",".join(map(str, epochs)),
+                              "+trainer.check_val_every_n_epoch=10",
+                              *self.where("scarce", grid)], grid))
+        self.parallel(jobs)
+        jobs = []
+        for frac in (0.01, 0.1):  # scratch at the epochs its validation accuracy chose
+            exp = f"bench-scarce-{frac:g}-none"
+            if self.finished(exp) >= self.n_seeds:
+                continue
+            runs = self.runs(f"bench-scarce-{frac:g}-none-epochs")
+            best = max(runs, key=lambda r: r.data.metrics["val/acc"])
+            epochs = int(best.data.params["student.max_epochs"])
+            jobs.append((["-m", *self.student("1/50", epochs), *self.tuned("none"),
+                          f"data.labeled_fraction={frac}",
+                          "+trainer.check_val_every_n_epoch=10", f"seed={self.args.seeds}",
+                          *self.where("scarce", exp)], exp))
+        self.parallel(jobs)
+
+    def temperature(self) -> None:
+        exp = "bench-temperature"
+        if self.finished(exp) >= 6 * self.n_seeds:
+            return
+        alpha = next(o for o in self.tuned("kd") if o.startswith("distill.alpha="))
+        self.parallel([(["-m", "experiment=temperature_sweep", *self.student("1/50"), alpha,
+                         "distill.temperature=1,2,4,8,16,32", f"seed={self.args.seeds}",
+                         *self.where("temperature", exp)], exp)])
+
+    def where(self, phase: str, experiment: str) -> list[str]:
+        """The MLflow experiment and the sweep folder of one command."""
+        return [f"tracking.experiment={experiment}", f"hydra.sweep.dir={self.work / phase / experiment}"]
+
+    # -- reading the store -------------------------------------------------------------------------
+    def runs(self, experiment: str) -> list:
+        """The FINISHED pipeline runs of an experiment, newest first."""
+        import mlflow
+
+        mlflow.set_tracking_uri(self.env["MLFLOW_TRACKING_URI"])
+        if mlflow.get_experiment_by_name(experiment) is None:
+            return []
+        runs = mlflow.search_runs(experiment_names=[experiment], output_format="list",
+                                  filter_string="attributes.status = 'FINISHED'",
+                                  order_by=["attributes.start_time DESC"])
+        return [r for r in runs if r.data.tags.get("kdpipe.run_type") == "pipeline"]
+
+    def finished(self, experiment: str) -> int:
+        return len(self.runs(experiment))
+
+    def per_seed(self, experiment: str) -> list:
+        """The newest finished pipeline run per seed."""
+        seen: dict[str, object] = {}
+        for r in self.runs(experiment):
+            seen.setdefault(r.data.params.get("seed"), r)
+        return list(seen.values())
+
+    def curve(self, run) -> list[float]:
+        """val/acc per epoch of the run's distill stage."""
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(self.env["MLFLOW_TRACKING_URI"])
+        query = f"tags.mlflow.parentRunId = '{run.info.run_id}' and tags.`kdpipe.stage` = 'distill'"
+        child = client.search_runs([run.info.experiment_id], query)
+        if not child:
+            return []
+        return [m.value for m in sorted(client.get_metric_history(child[0].info.run_id, "val/acc"),
+                                        key=lambda m: m.step)]
+
+    def report(self) -> None:
+        lines = ["# Distillation benchmark (scripts/bench_distill.py)", ""]
+        teacher = self.runs("bench_teacher")
+        if teacher:
+            lines.append(f"Teacher: test acc {100 * teacher[0].data.metrics['test/acc']:.2f} % "
+                         f"(cnn width 32 depth 4, {int(teacher[0].data.metrics.get('model/params', 0)):,} "
+                         f"params of the shipped student; see the teacher stage run)")
+        stats: dict = {}
+        curves: dict = {}
+        for size in self.args.sizes:
+            lines += ["", f"## Students at {size} of the teacher's parameters", "",
+                      "| scheme | searched setting | test acc % (mean ± std, last epoch) | vs scratch | "
+                      "val acc % | test ECE |", "|---|---|---|---|---|---|"]
+            for scheme in self.args.schemes:
+                runs = self.per_seed(f"bench-final-{tag(size)}-{scheme}")
+                if not runs:
+                    continue
+                acc = [100 * r.data.metrics["test/acc"] for r in runs]
+                val = [100 * r.data.metrics.get("val/acc", float("nan")) for r in runs]
+                ece = [r.data.metrics.get("test/ece", float("nan")) for r in runs]
+                stats[size, scheme] = (statistics.mean(acc), std(acc))
+                curves[size, scheme] = [self.curve(r) for r in runs]
+                setting = " ".join(self.tuned(scheme)[1:])
+                base = stats.get((size, "none"))
+                delta = "" if scheme == "none" or base is None else f"{stats[size, scheme][0] - base[0]:+.2f}"
+                if base and scheme != "none":
+                    m, s = stats[size, scheme]
+                    delta += " (beats: mean-std > scratch mean+std)" if m - s > base[0] + base[1] else ""
+                lines.append(f"| {scheme} | `{setting}` | {mean_std(acc)} (n={len(acc)}) | {delta} | "
+                             f"{statistics.mean(val):.2f} | {statistics.mean(ece):.4f} |")
+        lines += ["", "## Few labels (1/50 student): scratch on the labeled images, KD on all", "",
+                  "| labels | scratch test acc % | scratch epochs (chosen on val) | KD test acc % | "
+                  "KD - scratch |",
+                  "|---|---|---|---|---|"]
+        for frac in (0.01, 0.1):
+            kd = [100 * r.data.metrics["test/acc"] for r in self.per_seed(f"bench-scarce-{frac:g}-kd")]
+            sc_runs = self.per_seed(f"bench-scarce-{frac:g}-none")
+            sc = [100 * r.data.metrics["test/acc"] for r in sc_runs]
+            if kd and sc:
+                ep = sc_runs[0].data.params.get("student.max_epochs")
+                lines.append(f"| {100 * frac:g} % | {mean_std(sc)} | {ep} | {mean_std(kd)} | "
+                             f"{statistics.mean(kd) - statistics.mean(sc):+.2f} |")
+        temps = {}
+        for r in self.runs("bench-temperature"):
+            key = (float(r.data.params["distill.temperature"]), r.data.params.get("seed"))
+            temps.setdefault(key, (100 * r.data.metrics["test/acc"],
+                                   100 * r.data.metrics.get("val/acc", float("nan"))))
+        if temps:
+            lines += ["", "## Temperature (1/50 student, KD at the searched alpha)", "",
+                      "| T | test acc % (mean ± std) | val acc % | seeds |", "|---|---|---|---|"]
+            for t in sorted({k[0] for k in temps}):
+                vals = [v for k, v in temps.items() if k[0] == t]
+                accs = [v[0] for v in vals]
+                lines.append(f"| {t:g} | {mean_std(accs)} | "
+                             f"{statistics.mean(v[1] for v in vals):.2f} | {len(vals)} |")
+        (self.work / "report.md").write_text("\n".join(lines) + "\n")
+        (self.work / "report.json").write_text(json.dumps(
+            {"final": {f"{k[0]} {k[1]}": v for k, v in stats.items()},
+             "curves": {f"{k[0]} {k[1]}": v for k, v in curves.items()},
+             "temperature": {f"{k[0]} {k[1]}": v for k, v in temps.items()}}, indent=1))
+        self.plots(curves, temps)
+        print("\n".join(lines))
+
+    def plots(self, curves: dict, temps: dict) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        if curves:
+            n = len(self.args.sizes)
+            fig, axes = plt.subplots(1, n, figsize=(6 * n, 4), squeeze=False)
+            for ax, size in zip(axes[0], self.args.sizes, strict=True):
+                for scheme in self.args.schemes:
+                    runs = [c for c in curves.get((size, scheme), []) if c]
+                    if runs:
+                        n = min(map(len, runs))
+                        mean = [100 * statistics.mean(c[i] for c in runs) for i in range(n)]
+                        ax.plot(range(1, n + 1), mean, label=scheme)
+                ax.set(title=f"student {size}: validation accuracy per epoch (mean of seeds)", xlabel="epoch",
+                       ylabel="val acc %")
+                ax.legend()
+            fig.tight_layout()
+            fig.savefig(self.work / "curves.png", dpi=110)
+        if temps:
+            fig, ax = plt.subplots(figsize=(5, 3.5))
+            ts = sorted({k[0] for k in temps})
+            for i, split in enumerate(("test", "val")):
+                ys = [[v[i] for k, v in temps.items() if k[0] == t] for t in ts]
+                ax.errorbar(ts, [statistics.mean(y) for y in ys],
+                            yerr=[std(y) for y in ys], marker="o", label=split)
+            ax.set(xscale="log", xlabel="temperature T", ylabel="acc %", title="KD: accuracy against T")
+            ax.set_xticks(ts, [f"{t:g}" for t in ts])
+            ax.legend()
+            fig.tight_layout()
+            fig.savefig(self.work / "temperature.png", dpi=110)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--limit-train", type=int, default=8000)
-    ap.add_argument("--epochs", type=int, default=5)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--schemes", nargs="*", default=DEFAULT_SCHEMES, choices=list(SCHEMES), metavar="SCHEME",
-                    help=f"of {', '.join(SCHEMES)} (default: all but deep_to_shallow); "
-                         f"none: only the epoch times")
-    ap.add_argument("--no-timing", action="store_true", help="skip the epoch-time measurement")
+    ap.add_argument("--workdir", type=Path, default=REPO / "outputs" / "bench_distill")
+    ap.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
+    ap.add_argument("--schemes", nargs="+", choices=SCHEMES, default=list(SCHEMES))
+    ap.add_argument("--sizes", nargs="+", choices=list(STUDENTS), default=list(STUDENTS))
+    ap.add_argument("--epochs", type=int, default=10, help="student epochs (full data)")
+    ap.add_argument("--jobs", type=int, default=2, help="kdpipe commands at once, one torch thread each")
+    ap.add_argument("--default-trials", type=int, default=4, help="Optuna trials per scheme")
+    ap.add_argument("--trials", type=json.loads, default={"kd": 6, "crd": 3, "none": 3},
+                    help='trials of some schemes, JSON, e.g. \'{"kd": 8}\'')
+    ap.add_argument("--seeds", default="0,1,2", help="seeds of the final, scarce and temperature runs")
+    ap.add_argument("--scarce-epochs", type=json.loads, default=SCARCE_EPOCHS,
+                    help="epochs tried for scratch with few labels, JSON by fraction")
     ap.add_argument("--override", nargs="*", default=[],
-                    help="extra Hydra overrides for every run, e.g. student.model.depth=3")
-    ap.add_argument("--out", type=Path, default=REPO / "outputs" / "bench_distill.json")
+                    help="extra overrides for every command, e.g. data.limit_train=2000 for a smoke run")
     args = ap.parse_args()
-    _quiet_libraries()
-    warnings.filterwarnings("ignore")
-    logging.getLogger("kdpipe").setLevel(logging.ERROR)
-    torch.set_num_threads(1)
-
-    tmp = Path(tempfile.mkdtemp(prefix="bench_distill_"))
-    mlflow.set_tracking_uri(f"sqlite:///{tmp / 'mlflow.db'}")
-    base = ["data=fashion_mnist", f"data.limit_train={args.limit_train}", "data.seed=0",
-            f"trainer.max_epochs={args.epochs}", "trainer.enable_progress_bar=false",
-            "teacher.model.width=16", "prune=none", "quantize=none",
-            "eval.latency_iters=5", "eval.latency_warmup=1", "tracking.experiment=bench_distill",
-            f"checkpoint_dir={tmp / 'checkpoints'}",  # never resume a checkpoint an earlier benchmark left
-            *args.override]
+    bench = Bench(args)
     t0 = time.time()
-    teacher_base = [o for o in base if not o.startswith("distill")]  # distill=none: no temperature, alpha
-    teacher_run = run_pipeline(compose_cfg([*teacher_base, "seed=0", "distill=none"]), tmp / "teacher")
-    teacher_path = tmp / "teacher" / "teacher" / "model.pt"
-    teacher_acc = next(r for r in mlflow.search_runs(experiment_names=["bench_distill"], output_format="list")
-                       if r.data.tags.get("kdpipe.stage") == "teacher").data.metrics["test/acc"]
-    print(f"teacher test/acc {teacher_acc:.4f} ({time.time() - t0:.0f}s); "
-          f"scratch seed 0 {teacher_run['test/acc']:.4f}", flush=True)
-
-    results: dict[str, list[float]] = {}
-    for scheme in args.schemes:
-        for seed in args.seeds:
-            t1 = time.time()
-            cfg = compose_cfg([*base, f"seed={seed}", f"teacher.checkpoint={teacher_path}", *SCHEMES[scheme]])
-            metrics = run_pipeline(cfg, tmp / f"{scheme}_{seed}")
-            results.setdefault(scheme, []).append(metrics["test/acc"])
-            print(f"{scheme:10s} seed {seed}: test/acc {metrics['test/acc']:.4f} ({time.time() - t1:.0f}s)",
-                  flush=True)
-
-    kd_cfg = compose_cfg([*teacher_base, "seed=0", "distill=kd"])  # the timed KD: T=4, alpha=0.9
-    times = {} if args.no_timing else epoch_times(kd_cfg, teacher_path, args.epochs)
-    student_arch = OmegaConf.to_container(kd_cfg.student.model, resolve=True)
-    student_params = sum(p.numel() for p in build_model(student_arch).parameters())
-    teacher_params = sum(p.numel() for p in load_model(teacher_path).parameters())
-
-    lines = [f"Fashion-MNIST, {args.limit_train} training images, {args.epochs} epochs, seeds {args.seeds}; "
-             f"teacher cnn width 16 depth 3 ({teacher_params:,} params, test acc {100 * teacher_acc:.2f} %), "
-             f"student cnn_small ({student_params:,} params); overrides {args.override}", "",
-             "| scheme | test acc (%) mean ± std | vs scratch (points) |", "|---|---|---|"]
-    scratch = statistics.mean(results["scratch"]) if "scratch" in results else None
-    for scheme, accs in results.items():
-        mean, std = 100 * statistics.mean(accs), 100 * (statistics.stdev(accs) if len(accs) > 1 else 0.0)
-        delta = "" if scratch is None or scheme == "scratch" else f"{mean - 100 * scratch:+.2f}"
-        lines.append(f"| {scheme} | {mean:.2f} ± {std:.2f} | {delta} |")
-    if times:
-        lines += ["", "| epoch (training part) | wall s | × scratch | CPU s | × scratch |",
-                  "|---|---|---|---|---|"]
-    for name, t in times.items():
-        lines.append(f"| {name} | {t['wall']:.2f} | {t['wall'] / times['scratch']['wall']:.2f} | "
-                     f"{t['cpu']:.2f} | {t['cpu'] / times['scratch']['cpu']:.2f} |")
-    lines.append(f"\ntotal wall time {time.time() - t0:.0f} s")
-    table = "\n".join(lines)
-    print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "acc": results,
-                                    "epoch_seconds": times, "teacher_acc": teacher_acc, "table": table},
-                                   indent=2))
+    for phase in PHASES:
+        if phase in args.phases:
+            getattr(bench, phase)()
+    print(f"total {time.time() - t0:.0f} s", flush=True)
 
 
 if __name__ == "__main__":
