@@ -153,7 +153,7 @@ class Bench:
 
     def scarce(self) -> None:
         jobs = []
-        for frac in (0.01, 0.1):
+        for frac in self.args.fractions:
             exp = f"bench-scarce-{frac:g}-kd"
             labels = f"data.labeled_fraction={frac}"
             if self.finished(exp) < self.n_seeds:
@@ -167,7 +167,7 @@ class Bench:
                               *self.where("scarce", grid)], grid))
         self.parallel(jobs)
         jobs = []
-        for frac in (0.01, 0.1):  # scratch at the epochs its validation accuracy chose
+        for frac in self.args.fractions:  # scratch at the epochs its validation accuracy chose
             exp = f"bench-scarce-{frac:g}-none"
             if self.finished(exp) >= self.n_seeds:
                 continue
@@ -338,6 +338,8 @@ def main() -> None:
     ap.add_argument("--trials", type=json.loads, default={"kd": 6, "crd": 3, "none": 3},
                     help='trials of some schemes, JSON, e.g. \'{"kd": 8}\'')
     ap.add_argument("--seeds", default="0,1,2", help="seeds of the final, scarce and temperature runs")
+    ap.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1],
+                    help="label fractions of the scarce phase")
     ap.add_argument("--scarce-epochs", type=json.loads, default=SCARCE_EPOCHS,
                     help="epochs tried for scratch with few labels, JSON by fraction")
     ap.add_argument("--override", nargs="*", default=[],
