@@ -13,8 +13,10 @@ import pytest
 
 from scripts.bench_faults import POINTS, computed_stages, run_both, store_runs
 
-# The module-scoped fixtures are built once: all of this module's tests run in one worker.
-pytestmark = pytest.mark.xdist_group("kill_matrix")
+# The module-scoped fixtures are built once: all of this module's tests run in one worker. The
+# fixture runs both kill chains, a kdpipe process per kill point and the reruns (266 s alone on two
+# busy cores): the hang guard is 15 minutes.
+pytestmark = [pytest.mark.xdist_group("kill_matrix"), pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")

@@ -55,6 +55,10 @@ def test_full_pipeline_logs_every_stage_with_tags_metrics_and_a_loadable_model(s
     for m in ("compression/ratio", "compression/acc_drop", "compression/speedup", *MODEL_METRICS):
         assert m in parent.data.metrics, m
     assert metrics["test/acc"] == parent.data.metrics["test/acc"]
+    # the validation split's accuracy of the shipped model, what a search steers on, and of the int8
+    # model on its run (a training stage's run keeps its per-epoch val/acc curve as it was)
+    assert 0 < parent.data.metrics["val/acc"] <= 1 and "val/acc" in stages["quantize"].data.metrics
+    assert min(m.step for m in client.get_metric_history(stages["distill"].info.run_id, "val/acc")) > 0
     t, q = stages["teacher"].data.metrics, stages["quantize"].data.metrics
     assert parent.data.metrics["compression/ratio"] == pytest.approx(t["model/size_bytes"]
                                                                      / q["model/size_bytes"])

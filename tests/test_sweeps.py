@@ -21,7 +21,7 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from kdpipe.cli import CONFIG_PATH
 from kdpipe.config import validate
@@ -228,6 +228,15 @@ def test_experiments_and_the_slurm_launcher_compose():
         optuna = compose("config", overrides=["hparams_search=optuna"], return_hydra_config=True)
         assert "OptunaSweeper" in optuna.hydra.sweeper._target_
         assert set(optuna.hydra.sweeper.params) == {"distill.temperature", "distill.alpha", "prune.sparsity"}
+        # each scheme's search: its own scheme, on val/acc, over keys that scheme really has
+        for path in sorted((Path(CONFIG_PATH) / "hparams_search").glob("*.yaml")):
+            if path.stem == "optuna":
+                continue
+            cfg = compose("config", overrides=[f"hparams_search={path.stem}"], return_hydra_config=True)
+            assert cfg.distill.name == path.stem and cfg.optimized_metric == "val/acc", path.stem
+            assert cfg.prune.method == "none" and cfg.quantize.mode == "none"
+            for key in cfg.hydra.sweeper.params:
+                assert OmegaConf.select(cfg, key) is not None, (path.stem, key)
 
 
 def test_optuna_search_runs_trials_and_returns_the_best_parameters(joblib_sweep, tmp_path):
@@ -245,7 +254,8 @@ def test_optuna_search_runs_trials_and_returns_the_best_parameters(joblib_sweep,
     assert len(trials) == 3 and all(t.info.status == "FINISHED" for t in trials)
     teachers = [r for r in runs if r.data.tags.get("kdpipe.stage") == "teacher"]
     assert len(teachers) == 3 and all("kdpipe.reused_from" in t.data.tags for t in teachers)
-    assert best["best_value"] == pytest.approx(max(t.data.metrics["test/acc"] for t in trials))
+    # the search steers on the validation split (optimized_metric: val/acc), never on test
+    assert best["best_value"] == pytest.approx(max(t.data.metrics["val/acc"] for t in trials))
 
 
 # --- the MLflow UI -------------------------------------------------------------------------------
