@@ -17,7 +17,8 @@ Phases (a phase skips the commands whose runs an earlier invocation finished):
   (conf/hparams_search/<scheme>.yaml: the keys and their ranges), `val/acc` maximised;
 - `final`: each student size x scheme x seeds 0-2 at the searched values;
 - `scarce`: `data.labeled_fraction` 0.01 and 0.1: scratch on the labeled images (its epochs chosen
-  on val/acc from a grid, at most the distilled student's optimiser steps) against KD on every image;
+  on val/acc from a grid, at most the distilled student's optimiser steps) against KD on every image
+  (its setting chosen on val/acc between the full-data search's and the shipped default);
 - `temperature`: `experiment=temperature_sweep` with KD's searched alpha, seeds 0-2;
 - `report`: `<workdir>/report.md`, `curves.png` (val/acc per epoch), `temperature.png`.
 
@@ -152,32 +153,35 @@ class Bench:
         self.parallel(jobs)
 
     def scarce(self) -> None:
+        """Each side at its best setting on val/acc (seed 0), then 3 seeds: scratch over a grid of
+        epochs, KD between its full-data search result and the shipped default (T=4, alpha=0.9)."""
         jobs = []
         for frac in self.args.fractions:
-            exp = f"bench-scarce-{frac:g}-kd"
             labels = f"data.labeled_fraction={frac}"
-            if self.finished(exp) < self.n_seeds:
-                jobs.append((["-m", *self.student("1/50"), *self.tuned("kd"), labels,
-                              f"seed={self.args.seeds}", *self.where("scarce", exp)], exp))
+            for name, setting in (("searched", self.tuned("kd")), ("default", ["distill=kd"])):
+                exp = f"bench-scarce-{frac:g}-kd-choice"
+                if not any(r.data.tags.get("mlflow.runName", "").startswith(name) for r in self.runs(exp)):
+                    jobs.append((["-m", *self.student("1/50"), *setting, labels, "seed=0", f"run_name={name}",
+                                  *self.where("scarce", f"{exp}-{name}")], f"{exp}-{name}"))
             grid, epochs = f"bench-scarce-{frac:g}-none-epochs", self.args.scarce_epochs[str(frac)]
             if self.finished(grid) < len(epochs):
                 jobs.append((["-m", *self.student("1/50"), *self.tuned("none"), labels, "seed=0",
                               "student.max_epochs=" + ",".join(map(str, epochs)),
-                              "+trainer.check_val_every_n_epoch=10",
-                              *self.where("scarce", grid)], grid))
+                              "+trainer.check_val_every_n_epoch=10", *self.where("scarce", grid)], grid))
         self.parallel(jobs)
         jobs = []
-        for frac in self.args.fractions:  # scratch at the epochs its validation accuracy chose
-            exp = f"bench-scarce-{frac:g}-none"
-            if self.finished(exp) >= self.n_seeds:
-                continue
-            runs = self.runs(f"bench-scarce-{frac:g}-none-epochs")
-            best = max(runs, key=lambda r: r.data.metrics["val/acc"])
-            epochs = int(best.data.params["student.max_epochs"])
-            jobs.append((["-m", *self.student("1/50", epochs), *self.tuned("none"),
-                          f"data.labeled_fraction={frac}",
-                          "+trainer.check_val_every_n_epoch=10", f"seed={self.args.seeds}",
-                          *self.where("scarce", exp)], exp))
+        for frac in self.args.fractions:  # each side at the setting its validation accuracy chose
+            labels = f"data.labeled_fraction={frac}"
+            chosen = self.best(f"bench-scarce-{frac:g}-kd-choice").data.tags["mlflow.runName"]
+            kd = self.tuned("kd") if chosen.startswith("searched") else ["distill=kd"]
+            epochs = int(self.best(f"bench-scarce-{frac:g}-none-epochs").data.params["student.max_epochs"])
+            scratch = [*self.student("1/50", epochs), *self.tuned("none"),
+                       "+trainer.check_val_every_n_epoch=10"]
+            for exp, setting in ((f"bench-scarce-{frac:g}-kd", [*self.student("1/50"), *kd]),
+                                 (f"bench-scarce-{frac:g}-none", scratch)):
+                if self.finished(exp) < self.n_seeds:
+                    jobs.append((["-m", *setting, labels, f"seed={self.args.seeds}",
+                                  *self.where("scarce", exp)], exp))
         self.parallel(jobs)
 
     def temperature(self) -> None:
@@ -205,6 +209,10 @@ class Bench:
                                   filter_string="attributes.status = 'FINISHED'",
                                   order_by=["attributes.start_time DESC"])
         return [r for r in runs if r.data.tags.get("kdpipe.run_type") == "pipeline"]
+
+    def best(self, experiment: str):
+        """The finished pipeline run of highest val/acc."""
+        return max(self.runs(experiment), key=lambda r: r.data.metrics["val/acc"])
 
     def finished(self, experiment: str) -> int:
         return len(self.runs(experiment))
