@@ -159,10 +159,10 @@ class Bench:
         for frac in self.args.fractions:
             labels = f"data.labeled_fraction={frac}"
             for name, setting in (("searched", self.tuned("kd")), ("default", ["distill=kd"])):
-                exp = f"bench-scarce-{frac:g}-kd-choice"
-                if not any(r.data.tags.get("mlflow.runName", "").startswith(name) for r in self.runs(exp)):
-                    jobs.append((["-m", *self.student("1/50"), *setting, labels, "seed=0", f"run_name={name}",
-                                  *self.where("scarce", f"{exp}-{name}")], f"{exp}-{name}"))
+                exp = f"bench-scarce-{frac:g}-kd-choice-{name}"
+                if not self.finished(exp):
+                    jobs.append((["-m", *self.student("1/50"), *setting, labels, "seed=0",
+                                  *self.where("scarce", exp)], exp))
             grid, epochs = f"bench-scarce-{frac:g}-none-epochs", self.args.scarce_epochs[str(frac)]
             if self.finished(grid) < len(epochs):
                 jobs.append((["-m", *self.student("1/50"), *self.tuned("none"), labels, "seed=0",
@@ -172,8 +172,9 @@ class Bench:
         jobs = []
         for frac in self.args.fractions:  # each side at the setting its validation accuracy chose
             labels = f"data.labeled_fraction={frac}"
-            chosen = self.best(f"bench-scarce-{frac:g}-kd-choice").data.tags["mlflow.runName"]
-            kd = self.tuned("kd") if chosen.startswith("searched") else ["distill=kd"]
+            choice = {name: self.best(f"bench-scarce-{frac:g}-kd-choice-{name}").data.metrics["val/acc"]
+                      for name in ("searched", "default")}
+            kd = self.tuned("kd") if choice["searched"] >= choice["default"] else ["distill=kd"]
             epochs = int(self.best(f"bench-scarce-{frac:g}-none-epochs").data.params["student.max_epochs"])
             scratch = [*self.student("1/50", epochs), *self.tuned("none"),
                        "+trainer.check_val_every_n_epoch=10"]
