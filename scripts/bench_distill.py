@@ -45,8 +45,8 @@ PHASES = ("teacher", "search", "final", "scarce", "temperature", "report")
 SCHEMES = ("none", "kd", "ls_kd", "dkd", "dist", "crd")
 # Students as fractions of the teacher's 390,890 parameters (cnn width 32 depth 4).
 STUDENTS = {
-    "1/50": ["student.model.width=9", "student.model.depth=3"],    # 7,840 parameters
-    "1/10": ["student.model.width=10", "student.model.depth=4"],   # 39,310 parameters
+    "1/50": ["student.model.width=9", "student.model.depth=3"],    # 7,867 parameters
+    "1/10": ["student.model.width=10", "student.model.depth=4"],   # 39,000 parameters
 }
 TEACHER = ["teacher.model.depth=4", "teacher.max_epochs=20"]
 TEACHER_AUGMENT = "data.augment=[crop,flip]"
