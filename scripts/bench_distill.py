@@ -225,6 +225,16 @@ class Bench:
             seen.setdefault(r.data.params.get("seed"), r)
         return list(seen.values())
 
+    def teacher_run(self):
+        """The teacher stage run that trained the teacher file."""
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(self.env["MLFLOW_TRACKING_URI"])
+        exp = client.get_experiment_by_name("bench_teacher")
+        query = "tags.`kdpipe.stage` = 'teacher' and attributes.status = 'FINISHED'"
+        runs = client.search_runs([exp.experiment_id], query) if exp else []
+        return runs[0] if runs else None
+
     def curve(self, run) -> list[float]:
         """val/acc per epoch of the run's distill stage."""
         from mlflow.tracking import MlflowClient
@@ -239,11 +249,11 @@ class Bench:
 
     def report(self) -> None:
         lines = ["# Distillation benchmark (scripts/bench_distill.py)", ""]
-        teacher = self.runs("bench_teacher")
-        if teacher:
-            lines.append(f"Teacher: test acc {100 * teacher[0].data.metrics['test/acc']:.2f} % "
-                         f"(cnn width 32 depth 4, {int(teacher[0].data.metrics.get('model/params', 0)):,} "
-                         f"params of the shipped student; see the teacher stage run)")
+        teacher = self.teacher_run()
+        if teacher is not None:
+            m = teacher.data.metrics
+            lines.append(f"Teacher: cnn width 32 depth 4, {int(m['model/params']):,} parameters, "
+                         f"test acc {100 * m['test/acc']:.2f} % (run {teacher.info.run_id})")
         stats: dict = {}
         curves: dict = {}
         for size in self.args.sizes:
@@ -269,16 +279,27 @@ class Bench:
                              f"{statistics.mean(val):.2f} | {statistics.mean(ece):.4f} |")
         lines += ["", "## Few labels (1/50 student): scratch on the labeled images, KD on all", "",
                   "| labels | scratch test acc % | scratch epochs (chosen on val) | KD test acc % | "
-                  "KD - scratch |",
-                  "|---|---|---|---|---|"]
+                  "KD setting (chosen on val) | KD - scratch |", "|---|---|---|---|---|---|"]
         for frac in (0.01, 0.1):
-            kd = [100 * r.data.metrics["test/acc"] for r in self.per_seed(f"bench-scarce-{frac:g}-kd")]
+            kd_runs = self.per_seed(f"bench-scarce-{frac:g}-kd")
             sc_runs = self.per_seed(f"bench-scarce-{frac:g}-none")
+            kd = [100 * r.data.metrics["test/acc"] for r in kd_runs]
             sc = [100 * r.data.metrics["test/acc"] for r in sc_runs]
-            if kd and sc:
-                ep = sc_runs[0].data.params.get("student.max_epochs")
-                lines.append(f"| {100 * frac:g} % | {mean_std(sc)} | {ep} | {mean_std(kd)} | "
-                             f"{statistics.mean(kd) - statistics.mean(sc):+.2f} |")
+            if kd or sc:
+                ep = sc_runs[0].data.params.get("student.max_epochs") if sc else ""
+                p = kd_runs[0].data.params if kd else {}
+                setting = f"T={p.get('distill.temperature')} alpha={p.get('distill.alpha')}" if kd else ""
+                delta = f"{statistics.mean(kd) - statistics.mean(sc):+.2f}" if kd and sc else ""
+                lines.append(f"| {100 * frac:g} % | {mean_std(sc) if sc else ''} (n={len(sc)}) | {ep} | "
+                             f"{mean_std(kd) if kd else ''} (n={len(kd)}) | {setting} | {delta} |")
+        lines += ["", "## The searches (1/50 student, seed 0, validation split)", "",
+                  "| scheme | trial | val acc % |", "|---|---|---|"]
+        for scheme in self.args.schemes:
+            path = self.work / "search" / scheme / "optimization_results.yaml"
+            keys = list(yaml.safe_load(path.read_text())["best_params"]) if path.is_file() else []
+            for r in reversed(self.runs(f"bench-search-{scheme}")):
+                trial = " ".join(f"{k}={float(r.data.params[k]):.3g}" for k in keys)
+                lines.append(f"| {scheme} | `{trial}` | {100 * r.data.metrics['val/acc']:.2f} |")
         temps = {}
         for r in self.runs("bench-temperature"):
             key = (float(r.data.params["distill.temperature"]), r.data.params.get("seed"))
