@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import time
 from pathlib import Path
@@ -35,25 +36,23 @@ def measure(ctx: PipelineContext, out: StageOutput) -> dict[str, float]:
     validation split's accuracy is what a search optimises (`optimized_metric: val/acc`), so the
     test split is only ever reported."""
     ecfg = ctx.cfg.eval
-    dm = ctx.datamodule
     example = ctx.example_input
     if out.kind == "onnx":
-        onnx_path = out.path
-        outputs = {split: onnx_logits(out.path, loader)
-                   for split, loader in (("test", dm.test_dataloader()), ("val", dm.val_dataloader()))}
-        torch_model = load_model(out.source.path)
+        onnx_path, torch_model = out.path, load_model(out.source.path)
+        logits_of = functools.partial(onnx_logits, out.path)
     else:
         torch_model = load_model(out.path)
-        outputs = {split: torch_logits(torch_model, loader)
-                   for split, loader in (("test", dm.test_dataloader()), ("val", dm.val_dataloader()))}
+        logits_of = functools.partial(torch_logits, torch_model)
         onnx_path = export_onnx(torch_model, example, ctx.workdir / "evaluate" / f"{out.stage}.onnx")
+    accuracy, dm = {}, ctx.datamodule
+    for split, loader in (("test", dm.test_dataloader()), ("val", dm.val_dataloader())):
+        accuracy.update(split_metrics(split, *logits_of(loader), ctx.num_classes))
     params, nonzero = count_params(torch_model)
     lat = onnx_latency_ms(onnx_path, example, warmup=int(ecfg.latency_warmup), iters=int(ecfg.latency_iters))
     thr = onnx_latency_ms(onnx_path, example, warmup=3, iters=max(5, int(ecfg.latency_iters) // 10),
                           batch_size=int(ecfg.throughput_batch_size), threads=1)
     return {
-        **split_metrics("test", *outputs["test"], ctx.num_classes),
-        **split_metrics("val", *outputs["val"], ctx.num_classes),
+        **accuracy,
         "model/params": float(params),
         "model/nonzero_params": float(nonzero),
         "model/size_bytes": float(Path(out.path).stat().st_size),
