@@ -54,6 +54,8 @@ COMMON = ["data=fashion_mnist", "data.seed=0", "prune=none", "quantize=none", "e
           "eval.latency_warmup=1", "trainer.enable_progress_bar=false"]
 # Scratch with few labels: epochs tried (the labeled images are few, so an epoch is short).
 SCARCE_EPOCHS = {"0.01": [100, 300, 800], "0.1": [10, 30, 100]}
+# The temperatures of conf/experiment/temperature_sweep.yaml.
+TEMPERATURES = (0.5, 1, 2, 4, 8, 16)
 
 
 def std(values: list[float]) -> float:
@@ -113,12 +115,21 @@ class Bench:
                 f"student.max_epochs={epochs or self.args.epochs}", *self.args.override]
 
     def tuned(self, scheme: str) -> list[str]:
+        """The scheme at its searched values, or at its shipped default where it was not searched."""
         path = self.work / "search" / scheme / "optimization_results.yaml"
-        if not path.is_file():
-            sys.exit(f"no search result for {scheme} at {path}: run --phases search first")
+        if scheme in self.args.unsearched or not path.is_file():
+            if scheme not in self.args.unsearched:
+                sys.exit(f"no search result for {scheme} at {path}: run --phases search first, "
+                         f"or pass --unsearched {scheme} to run it at its shipped default")
+            return [f"distill={scheme}"]
         best = yaml.safe_load(path.read_text())["best_params"]
         return [f"distill={scheme}", *(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                        for k, v in best.items())]
+
+    def final_name(self, size: str, scheme: str) -> str:
+        """The experiment of one final cell; a schedule other than 10 epochs is part of its name."""
+        epochs = "" if self.args.epochs == 10 else f"-{self.args.epochs}ep"
+        return f"bench-final-{tag(size)}-{scheme}{epochs}"
 
     # -- phases ------------------------------------------------------------------------------------
     def teacher(self) -> None:
@@ -145,7 +156,7 @@ class Bench:
         jobs = []
         for size in self.args.sizes:
             for scheme in self.args.schemes:
-                exp = f"bench-final-{tag(size)}-{scheme}"
+                exp = self.final_name(size, scheme)
                 if self.finished(exp) >= self.n_seeds:
                     continue
                 jobs.append((["-m", *self.student(size), *self.tuned(scheme), f"seed={self.args.seeds}",
@@ -186,13 +197,17 @@ class Bench:
         self.parallel(jobs)
 
     def temperature(self) -> None:
-        exp = "bench-temperature"
-        if self.finished(exp) >= 6 * self.n_seeds:
-            return
-        alpha = next(o for o in self.tuned("kd") if o.startswith("distill.alpha="))
-        self.parallel([(["-m", "experiment=temperature_sweep", *self.student("1/50"), alpha,
-                         "distill.temperature=1,2,4,8,16,32", f"seed={self.args.seeds}",
-                         *self.where("temperature", exp)], exp)])
+        """KD at the shipped alpha (0.9: the softened term carries the loss) over the temperatures of
+        experiment=temperature_sweep, one command per seed so that `--jobs` of them run at once."""
+        jobs = []
+        for seed in self.args.seeds.split(","):
+            exp = "bench-temperature"
+            done = {r.data.params["distill.temperature"] for r in self.runs(exp)
+                    if r.data.params.get("seed") == seed}
+            if len(done) < len(TEMPERATURES):
+                jobs.append((["-m", "experiment=temperature_sweep", *self.student(self.args.temperature_size),
+                              f"seed={seed}", *self.where("temperature", exp)], f"{exp}-seed{seed}"))
+        self.parallel(jobs)
 
     def where(self, phase: str, experiment: str) -> list[str]:
         """The MLflow experiment and the sweep folder of one command."""
@@ -261,7 +276,7 @@ class Bench:
                       "| scheme | searched setting | test acc % (mean ± std, last epoch) | vs scratch | "
                       "val acc % | test ECE |", "|---|---|---|---|---|---|"]
             for scheme in self.args.schemes:
-                runs = self.per_seed(f"bench-final-{tag(size)}-{scheme}")
+                runs = self.per_seed(self.final_name(size, scheme))
                 if not runs:
                     continue
                 acc = [100 * r.data.metrics["test/acc"] for r in runs]
@@ -306,7 +321,7 @@ class Bench:
             temps.setdefault(key, (100 * r.data.metrics["test/acc"],
                                    100 * r.data.metrics.get("val/acc", float("nan"))))
         if temps:
-            lines += ["", "## Temperature (1/50 student, KD at the searched alpha)", "",
+            lines += ["", f"## Temperature ({self.args.temperature_size} student, KD at alpha 0.9)", "",
                       "| T | test acc % (mean ± std) | val acc % | seeds |", "|---|---|---|---|"]
             for t in sorted({k[0] for k in temps}):
                 vals = [v for k, v in temps.items() if k[0] == t]
@@ -367,6 +382,10 @@ def main() -> None:
     ap.add_argument("--default-trials", type=int, default=4, help="Optuna trials per scheme")
     ap.add_argument("--trials", type=json.loads, default={"kd": 6, "crd": 3, "none": 3},
                     help='trials of some schemes, JSON, e.g. \'{"kd": 8}\'')
+    ap.add_argument("--unsearched", nargs="*", default=[], choices=SCHEMES,
+                    help="schemes the final phase runs at their shipped default instead of a search result")
+    ap.add_argument("--temperature-size", choices=list(STUDENTS), default="1/10",
+                    help="the student of the temperature phase")
     ap.add_argument("--seeds", default="0,1,2", help="seeds of the final, scarce and temperature runs")
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1],
                     help="label fractions of the scarce phase")
