@@ -42,7 +42,10 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 PHASES = ("teacher", "search", "final", "scarce", "temperature", "report")
+# The schemes run by default; any scheme with a conf/hparams_search/<scheme>.yaml can be named.
 SCHEMES = ("none", "kd", "ls_kd", "dkd", "dist", "crd")
+SEARCHABLE = tuple(sorted(p.stem for p in (REPO / "conf" / "hparams_search").glob("*.yaml")
+                          if p.stem != "optuna"))
 # Students as fractions of the teacher's 390,890 parameters (cnn width 32 depth 4).
 STUDENTS = {
     "1/50": ["student.model.width=9", "student.model.depth=3"],    # 7,867 parameters
@@ -200,13 +203,15 @@ class Bench:
         """KD at the shipped alpha (0.9: the softened term carries the loss) over the temperatures of
         experiment=temperature_sweep, one command per seed so that `--jobs` of them run at once."""
         jobs = []
+        exp = "bench-temperature"
         for seed in self.args.seeds.split(","):
-            exp = "bench-temperature"
             done = {r.data.params["distill.temperature"] for r in self.runs(exp)
                     if r.data.params.get("seed") == seed}
             if len(done) < len(TEMPERATURES):
                 jobs.append((["-m", "experiment=temperature_sweep", *self.student(self.args.temperature_size),
-                              f"seed={seed}", *self.where("temperature", exp)], f"{exp}-seed{seed}"))
+                              f"seed={seed}", f"tracking.experiment={exp}",
+                              f"hydra.sweep.dir={self.work / 'temperature' / f'seed{seed}'}"],
+                             f"{exp}-seed{seed}"))
         self.parallel(jobs)
 
     def where(self, phase: str, experiment: str) -> list[str]:
@@ -375,14 +380,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=REPO / "outputs" / "bench_distill")
     ap.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
-    ap.add_argument("--schemes", nargs="+", choices=SCHEMES, default=list(SCHEMES))
+    ap.add_argument("--schemes", nargs="+", choices=SEARCHABLE, default=list(SCHEMES))
     ap.add_argument("--sizes", nargs="+", choices=list(STUDENTS), default=list(STUDENTS))
     ap.add_argument("--epochs", type=int, default=10, help="student epochs (full data)")
     ap.add_argument("--jobs", type=int, default=2, help="kdpipe commands at once, one torch thread each")
     ap.add_argument("--default-trials", type=int, default=4, help="Optuna trials per scheme")
     ap.add_argument("--trials", type=json.loads, default={"kd": 6, "crd": 3, "none": 3},
                     help='trials of some schemes, JSON, e.g. \'{"kd": 8}\'')
-    ap.add_argument("--unsearched", nargs="*", default=[], choices=SCHEMES,
+    ap.add_argument("--unsearched", nargs="*", default=[], choices=SEARCHABLE,
                     help="schemes the final phase runs at their shipped default instead of a search result")
     ap.add_argument("--temperature-size", choices=list(STUDENTS), default="1/10",
                     help="the student of the temperature phase")
