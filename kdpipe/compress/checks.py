@@ -87,6 +87,36 @@ def _student(cfg: DictConfig) -> tuple[nn.Module | None, torch.Tensor | None]:
         return None, None
 
 
+REFERENCES = ("input", "teacher")
+
+
+def check_budget(cfg: DictConfig) -> None:
+    """`compress.*`: a budget is a number of points >= 0, measured against a model this pipeline has,
+    on a stage that runs (the quantize stage keeps its most sensitive layers fp32)."""
+    ccfg = cfg.get("compress")
+    if ccfg is None:
+        return
+    budget, reference = ccfg.get("max_acc_drop"), str(ccfg.get("reference", "input"))
+    if budget is not None:
+        try:
+            ok = float(budget) >= 0
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ConfigError(f"compress.max_acc_drop={budget}: give the points of validation accuracy "
+                              f"compression may cost, a number >= 0 (e.g. 1.0), or null for no budget")
+    if reference not in REFERENCES:
+        raise ConfigError(f"compress.reference={reference} is not known; use input (the model entering the "
+                          f"stage) or teacher")
+    if budget is not None and reference == "teacher" and cfg.get("teacher") is None:
+        raise ConfigError("compress.reference=teacher, but this pipeline has no teacher; use "
+                          "compress.reference=input")
+    if (budget is not None or ccfg.get("sensitivity")) and str(cfg.quantize.get("mode", "none")) == "none":
+        raise ConfigError("compress.max_acc_drop and compress.sensitivity act on the quantize stage, and "
+                          "quantize=none; pick quantize=static (or dynamic, qat)")
+
+
 def check_compression(cfg: DictConfig) -> None:
     check_prune(cfg.prune, cfg.get("trainer"), *_student(cfg))
     check_quantize(cfg.quantize)
+    check_budget(cfg)

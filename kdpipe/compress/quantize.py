@@ -44,12 +44,14 @@ def _quiet() -> None:
 
 
 def quantize_dynamic_int8(fp32_onnx: str | Path, out_path: str | Path, per_channel: bool = False,
-                          op_types: Iterable[str] | None = None) -> Path:
-    """Post-training dynamic quantization of the given op types (all supported ones if None)."""
+                          op_types: Iterable[str] | None = None, exclude: Iterable[str] = ()) -> Path:
+    """Post-training dynamic quantization of the given op types (all supported ones if None); the
+    ONNX nodes named in `exclude` stay fp32."""
     out_path = Path(out_path)
     _quiet()
     quantize_dynamic(str(fp32_onnx), str(out_path), weight_type=QuantType.QInt8, per_channel=per_channel,
-                     op_types_to_quantize=list(op_types) if op_types else None)
+                     op_types_to_quantize=list(op_types) if op_types else None,
+                     nodes_to_exclude=list(exclude))
     return out_path
 
 
@@ -86,24 +88,34 @@ def check_calibration_size(samples: int, min_samples: int) -> None:
             CompressionWarning, stacklevel=2)
 
 
-def quantize_static_int8(fp32_onnx: str | Path, out_path: str | Path, loader: Iterable, num_batches: int,
-                         method: str = "minmax", per_channel: bool = True, min_samples: int = 256,
-                         op_types: Iterable[str] | None = None) -> tuple[Path, int]:
-    """Post-training static quantization (QOperator format: QLinearConv etc., per-channel int8
-    weights, uint8 activations) calibrated on `num_batches` batches; returns (path, samples)."""
-    if method not in CALIBRATION_METHODS:
-        raise ValueError(f"quantize.calibration.method={method!r}; "
-                         f"use one of {', '.join(CALIBRATION_METHODS)}")
-    out_path = Path(out_path)
-    _quiet()
+def read_calibration(loader: Iterable, fp32_onnx: str | Path, num_batches: int,
+                     min_samples: int = 256) -> tuple[list[dict], int]:
+    """The first `num_batches` training batches as ORT feeds, read once (a search over which layers
+    stay fp32 calibrates every candidate on the same images); refused when empty, warned when few."""
     input_name = onnx.load(str(fp32_onnx), load_external_data=False).graph.input[0].name
     reader = LoaderCalibrationReader(loader, input_name, num_batches)
-    # Read the calibration batches first so that an empty set is refused before ORT runs.
     batches = []
     while (item := reader.get_next()) is not None:
         stop_if_terminated()
         batches.append(item)
     check_calibration_size(reader.samples, min_samples)
+    return batches, reader.samples
+
+
+def quantize_static_int8(fp32_onnx: str | Path, out_path: str | Path, loader: Iterable, num_batches: int,
+                         method: str = "minmax", per_channel: bool = True, min_samples: int = 256,
+                         op_types: Iterable[str] | None = None, exclude: Iterable[str] = (),
+                         batches: list[dict] | None = None) -> tuple[Path, int]:
+    """Post-training static quantization (QOperator format: QLinearConv etc., per-channel int8
+    weights, uint8 activations) calibrated on `num_batches` batches of `loader` (or on `batches`
+    from `read_calibration`); the ONNX nodes named in `exclude` stay fp32. Returns (path, samples)."""
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"quantize.calibration.method={method!r}; "
+                         f"use one of {', '.join(CALIBRATION_METHODS)}")
+    out_path = Path(out_path)
+    _quiet()
+    if batches is None:  # read first, so that an empty set is refused before ORT runs
+        batches, _ = read_calibration(loader, fp32_onnx, num_batches, min_samples)
     replay = iter(batches)
 
     class _Replay(CalibrationDataReader):
@@ -113,5 +125,6 @@ def quantize_static_int8(fp32_onnx: str | Path, out_path: str | Path, loader: It
     quantize_static(str(fp32_onnx), str(out_path), _Replay(), quant_format=QuantFormat.QOperator,
                     per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method=CALIBRATION_METHODS[method],
-                    op_types_to_quantize=list(op_types) if op_types else None)
-    return out_path, reader.samples
+                    op_types_to_quantize=list(op_types) if op_types else None,
+                    nodes_to_exclude=list(exclude))
+    return out_path, sum(next(iter(b.values())).shape[0] for b in batches)

@@ -4,14 +4,26 @@ number logged here is measured on the saved artefact."""
 from __future__ import annotations
 
 import logging
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
 from torch import nn
 
+from kdpipe.compress.budget import (
+    back_off,
+    int8_sensitivity,
+    layer_labels,
+    log_backoff,
+    log_sensitivity,
+    quantizable_nodes,
+)
 from kdpipe.compress.qat import FakeQuantCallback
-from kdpipe.compress.quantize import quantize_dynamic_int8, quantize_static_int8
+from kdpipe.compress.quantize import quantize_dynamic_int8, quantize_static_int8, read_calibration
+from kdpipe.compress.slim import slim_onnx
 from kdpipe.export import export_onnx
+from kdpipe.metrics.measure import onnx_logits, torch_logits
 from kdpipe.models.io import load_model, read_model_file, save_model
 from kdpipe.stages.base import PipelineContext, Product, StageOutput, StageRun, run_stage
 from kdpipe.stages.finetune import finetune_module
@@ -31,28 +43,84 @@ def qat_finetune(run: StageRun, model: nn.Module, teacher: StageOutput | None) -
     model.eval()
 
 
+def int8_quantizer(ctx: PipelineContext, fp32: Path) -> Callable[[Path, list[str]], Path]:
+    """`quantize(out_path, exclude)`: the configured int8 mode applied to `fp32` with the ONNX nodes
+    in `exclude` left fp32. Static calibration batches are read once and reused by every call."""
+    qcfg = ctx.cfg.quantize
+    mode = str(qcfg.mode)
+    op_types = list(qcfg.op_types) if qcfg.get("op_types") else None
+    if mode == "dynamic":
+        per_channel = bool(qcfg.get("per_channel", False))
+        return lambda out, exclude: quantize_dynamic_int8(fp32, out, per_channel=per_channel,
+                                                          op_types=op_types, exclude=exclude)
+    if mode not in ("static", "qat"):
+        raise ValueError(f"quantize.mode={mode!r} is not known; use dynamic, static or qat")
+    cal = qcfg.calibration
+    batches, samples = read_calibration(ctx.datamodule.train_dataloader(), fp32, int(cal.num_batches),
+                                        int(cal.min_samples))
+    mlflow.log_metric("quantize/calibration_samples", float(samples))
+    return lambda out, exclude: quantize_static_int8(
+        fp32, out, None, 0, method=str(cal.method), per_channel=bool(qcfg.per_channel), op_types=op_types,
+        exclude=exclude, batches=batches)[0]
+
+
+def quantize_to_budget(run: StageRun, model: nn.Module, fp32: Path, quantize: Callable,
+                       teacher: StageOutput | None, out: Path) -> None:
+    """Per-layer sensitivity (`compress.sensitivity`: only one layer int8 at a time) and, with
+    `compress.max_acc_drop`, the back-off: every layer int8, then the most sensitive kept fp32 one by
+    one until the validation accuracy is within budget. `out` is the candidate that shipped."""
+    ctx, ccfg = run.ctx, run.ctx.cfg.compress
+    qcfg = ctx.cfg.quantize
+    folder = out.parent / "candidates"
+    folder.mkdir(parents=True, exist_ok=True)
+    val = ctx.datamodule.val_dataloader()
+
+    def val_acc(path: Path) -> float:
+        logits, target = onnx_logits(path, val)
+        return float((logits.argmax(-1) == target).float().mean())
+
+    nodes = quantizable_nodes(fp32, list(qcfg.op_types) if qcfg.get("op_types") else None)
+    labels = layer_labels(fp32, model)
+    base = val_acc(fp32)
+    mlflow.log_metric("budget/fp32_val_acc", base)
+    rows = int8_sensitivity(nodes, quantize, val_acc, base, labels, folder)
+    log_sensitivity(rows, "quantize")
+    if ccfg.max_acc_drop is None:
+        quantize(out, [])
+        shutil.rmtree(folder)
+        return
+    if str(ccfg.reference) == "teacher":
+        if teacher is None:
+            raise ValueError("compress.reference=teacher, but this pipeline has no teacher (distill=none); "
+                             "use compress.reference=input")
+        logits, target = torch_logits(load_model(teacher.path), val)
+        reference, name = float((logits.argmax(-1) == target).float().mean()), "teacher"
+    else:
+        reference, name = base, "model entering the stage"
+    order = [r["node"] for r in sorted(rows, key=lambda r: -r["drop_points"])]
+    result = back_off(order, lambda kept, step: val_acc(quantize(folder / f"candidate-{step}.onnx", kept)),
+                      reference, float(ccfg.max_acc_drop), labels)
+    log_backoff(result, name, reference, float(ccfg.max_acc_drop))
+    shutil.copyfile(folder / f"candidate-{result.chosen}.onnx", out)
+    shutil.rmtree(folder)  # the candidates' accuracies are logged; their files are not needed
+
+
 def quantize_compute(run: StageRun, upstream: StageOutput, teacher: StageOutput | None) -> Product:
     ctx = run.ctx
-    qcfg = ctx.cfg.quantize
+    qcfg, ccfg = ctx.cfg.quantize, ctx.cfg.compress
     model = load_model(upstream.path)
     mode = str(qcfg.mode)
     out_dir = ctx.workdir / "quantize"
     if mode == "qat":
         qat_finetune(run, model, teacher)
     fp32 = export_onnx(model, ctx.example_input, out_dir / "model.fp32.onnx")
-    op_types = list(qcfg.op_types) if qcfg.get("op_types") else None
-    if mode == "dynamic":
-        out = quantize_dynamic_int8(fp32, out_dir / "model.int8.onnx",
-                                    per_channel=bool(qcfg.get("per_channel", False)), op_types=op_types)
-    elif mode in ("static", "qat"):
-        cal = qcfg.calibration
-        out, samples = quantize_static_int8(
-            fp32, out_dir / "model.int8.onnx", ctx.datamodule.train_dataloader(), int(cal.num_batches),
-            method=str(cal.method), per_channel=bool(qcfg.per_channel), min_samples=int(cal.min_samples),
-            op_types=op_types)
-        mlflow.log_metric("quantize/calibration_samples", float(samples))
+    quantize = int8_quantizer(ctx, fp32)
+    out = out_dir / "model.int8.onnx"
+    if ccfg.sensitivity or ccfg.max_acc_drop is not None:
+        quantize_to_budget(run, model, fp32, quantize, teacher, out)
     else:
-        raise ValueError(f"quantize.mode={mode!r} is not known; use dynamic, static or qat")
+        quantize(out, [])
+    slim_onnx(out)  # the shipped file holds the model only: model/size_bytes measures it
     mlflow.set_tag("kdpipe.quantize_runtime", "onnxruntime")
     mlflow.log_metric("quantize/fp32_onnx_bytes", float(Path(fp32).stat().st_size))
     if mode == "qat":  # the QAT-tuned fp32 weights, for export or a later conversion
@@ -64,7 +132,10 @@ def quantize_compute(run: StageRun, upstream: StageOutput, teacher: StageOutput 
 
 def run_quantize(ctx: PipelineContext, upstream: StageOutput, teacher: StageOutput | None) -> StageOutput:
     """Quantize the model of `upstream`; the output keeps it as `source` (the fp32 model)."""
-    out = run_stage(ctx, "quantize", ["quantize", "distill", *TRAINING_SECTIONS], [upstream],
+    by_teacher = teacher is not None and ctx.cfg.compress.max_acc_drop is not None \
+        and str(ctx.cfg.compress.reference) == "teacher"
+    out = run_stage(ctx, "quantize", ["quantize", "compress", "distill", *TRAINING_SECTIONS],
+                    [upstream, teacher] if by_teacher else [upstream],
                     lambda run: quantize_compute(run, upstream, teacher))
     out.source = upstream
     return out

@@ -1,0 +1,146 @@
+"""Compression to an accuracy budget: per-layer int8 sensitivity, the back-off that keeps the most
+sensitive layers fp32, and shipped ONNX files that hold only the model. Real ONNX Runtime
+quantization of a real trained model throughout."""
+
+from __future__ import annotations
+
+import mlflow
+import onnx
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from mlflow.tracking import MlflowClient
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from kdpipe.cli import CONFIG_PATH
+from kdpipe.compress.budget import back_off, int8_sensitivity, layer_labels, log_backoff, quantizable_nodes
+from kdpipe.compress.quantize import quantize_static_int8, read_calibration
+from kdpipe.compress.slim import slim_onnx
+from kdpipe.config import validate
+from kdpipe.errors import ConfigError
+from kdpipe.export import export_onnx
+from kdpipe.metrics.measure import onnx_logits
+
+from .conftest import FAST, run_cli, stage_runs
+
+
+def accuracy(path, loader) -> float:
+    logits, target = onnx_logits(path, loader)
+    return float((logits.argmax(-1) == target).float().mean())
+
+
+@pytest.fixture(scope="module")
+def fragile(tmp_path_factory):
+    """A 3-layer MLP trained to ~100 % on three Gaussian blobs, then made fragile to int8 in its
+    last layer only: hidden units 0 and 1 of the middle layer are made identical, and the last
+    layer reads them with weights +1e4 and -1e4, which cancel. In fp32 (and with int8 inputs, which
+    stay identical) nothing changes; with per-channel int8 weights those two weights set every
+    output channel's scale, and all the others round to zero. (The last layer, because ONNX
+    Runtime's graph optimiser fuses an fp32 layer between two int8 ones back into int8 kernels.)"""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("fragile")
+    centres = torch.randn(3, 8) * 3
+    y = torch.arange(600) % 3
+    x = centres[y] + torch.randn(600, 8)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(200):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    with torch.no_grad():
+        model[2].weight[1] = model[2].weight[0]
+        model[2].bias[1] = model[2].bias[0]
+        model[4].weight[:, 0], model[4].weight[:, 1] = 1e4, -1e4
+    loader = DataLoader(TensorDataset(x, y), batch_size=100)
+    fp32 = export_onnx(model.eval(), x[:2], folder / "fp32.onnx")
+    batches, _ = read_calibration(loader, fp32, num_batches=4, min_samples=64)
+
+    def quantize(out, exclude):
+        return quantize_static_int8(fp32, out, None, 0, exclude=exclude, batches=batches)[0]
+
+    return model, fp32, loader, quantize, folder
+
+
+def test_sensitivity_names_the_fragile_layer_and_back_off_keeps_it_fp32_then_stops(fragile, store):
+    model, fp32, loader, quantize, folder = fragile
+    base = accuracy(fp32, loader)
+    assert base > 0.95
+    nodes = quantizable_nodes(fp32)
+    labels = layer_labels(fp32, model)
+    assert [labels[n] for n in nodes] == ["0", "2", "4"], "each Gemm is named by its PyTorch module"
+    rows = int8_sensitivity(nodes, quantize, lambda p: accuracy(p, loader), base, labels, folder)
+    drops = {r["layer"]: r["drop_points"] for r in rows}
+    assert drops["4"] > 30 and drops["0"] < 3 and drops["2"] < 3, drops
+
+    order = [r["node"] for r in sorted(rows, key=lambda r: -r["drop_points"])]
+    built = []
+
+    def evaluate(kept, step):
+        built.append(kept)
+        return accuracy(quantize(folder / f"candidate-{step}.onnx", kept), loader)
+
+    with mlflow.start_run():
+        result = back_off(order, evaluate, base, max_drop=3.0, labels=labels)
+    assert result.met and result.chosen == 1
+    assert built == [[], [order[0]]], "stops at the first candidate within budget"
+    assert result.kept_fp32 == [order[0]] and labels[order[0]] == "4"
+    assert result.decisions[0]["drop_points"] > 3.0 >= result.decisions[1]["drop_points"]
+    shipped = onnx.load(str(folder / "candidate-1.onnx")).graph
+    assert sum(n.op_type == "Gemm" for n in shipped.node) == 1, "the fragile layer alone stays fp32"
+
+
+def test_a_budget_no_candidate_meets_ships_the_most_accurate_and_says_so(fragile, store):
+    model, fp32, loader, quantize, folder = fragile
+    nodes = quantizable_nodes(fp32)
+    with mlflow.start_run() as run:
+        # against a reference of 101 % no candidate can be within 0.5 points
+        result = back_off(nodes, lambda kept, step: accuracy(quantize(folder / f"all-{step}.onnx", kept),
+                                                             loader), 1.01, 0.5, layer_labels(fp32, model))
+        log_backoff(result, "teacher", 1.01, 0.5)
+    assert not result.met and len(result.decisions) == len(nodes) + 1
+    best = max(d["val_acc"] for d in result.decisions)
+    assert result.decisions[result.chosen]["val_acc"] == best
+    tags = MlflowClient().get_run(run.info.run_id).data.tags
+    assert tags["kdpipe.budget_met"] == "false"
+    text = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/budget/decisions.md")
+    assert "budget NOT met" in text and "below the teacher (101.00 %)" in text
+
+
+def test_a_slim_onnx_file_computes_the_same_and_carries_no_metadata(fragile, tmp_path):
+    _, fp32, loader, quantize, _ = fragile
+    for path in (fp32, quantize(tmp_path / "int8.onnx", [])):
+        slim = tmp_path / f"slim-{path.name}"
+        slim.write_bytes(path.read_bytes())
+        slim_onnx(slim)
+        model = onnx.load(str(slim))
+        assert not model.metadata_props and not model.graph.value_info
+        assert not any(n.metadata_props or n.doc_string for n in model.graph.node)
+        assert [i.name for i in model.graph.input] == ["input"] and model.graph.output[0].name == "logits"
+        assert slim.stat().st_size < path.stat().st_size
+        assert torch.equal(onnx_logits(slim, loader)[0], onnx_logits(path, loader)[0])
+
+
+def test_the_quantize_stage_meets_a_budget_and_logs_sensitivity_and_decisions(store, tmp_path):
+    res = run_cli([*FAST, "prune=none", "compress.max_acc_drop=100", "compress.sensitivity=true"], tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    quant = next(r for r in stage_runs() if r.data.tags.get("kdpipe.stage") == "quantize")
+    assert quant.data.tags["kdpipe.budget_met"] == "true" and quant.data.tags["kdpipe.budget_kept"] == "-"
+    client = MlflowClient()
+    assert {a.path for a in client.list_artifacts(quant.info.run_id, "sensitivity")} == {
+        "sensitivity/quantize.json", "sensitivity/quantize.md", "sensitivity/quantize.png"}
+    table = mlflow.artifacts.load_text(f"runs:/{quant.info.run_id}/sensitivity/quantize.md")
+    assert "| features.0 | int8 |" in table and "| classifier | int8 |" in table
+    shipped = next(r for r in stage_runs() if r.data.tags.get("kdpipe.stage") == "quantize")
+    model = onnx.load(client.download_artifacts(shipped.info.run_id, "model", str(tmp_path / "dl"))
+                      + "/model.int8.onnx")
+    assert not any(n.metadata_props for n in model.graph.node), "the shipped file is slim"
+
+
+def test_a_budget_against_the_teacher_needs_a_teacher():
+    with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
+        cfg = compose("config", overrides=["teacher=none", "distill=none", "compress.max_acc_drop=1",
+                                           "compress.reference=teacher"])
+    with pytest.raises(ConfigError, match="compress.reference=teacher, but this pipeline has no teacher"):
+        validate(cfg)
