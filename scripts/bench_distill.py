@@ -129,10 +129,10 @@ class Bench:
         return [f"distill={scheme}", *(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                        for k, v in best.items())]
 
-    def final_name(self, size: str, scheme: str) -> str:
+    def final_name(self, size: str, scheme: str, epochs: int | None = None) -> str:
         """The experiment of one final cell; a schedule other than 10 epochs is part of its name."""
-        epochs = "" if self.args.epochs == 10 else f"-{self.args.epochs}ep"
-        return f"bench-final-{tag(size)}-{scheme}{epochs}"
+        epochs = epochs or self.args.epochs
+        return f"bench-final-{tag(size)}-{scheme}" + ("" if epochs == 10 else f"-{epochs}ep")
 
     # -- phases ------------------------------------------------------------------------------------
     def teacher(self) -> None:
@@ -267,6 +267,34 @@ class Bench:
         return [m.value for m in sorted(client.get_metric_history(child[0].info.run_id, "val/acc"),
                                         key=lambda m: m.step)]
 
+    def setting(self, scheme: str) -> str:
+        values = self.tuned(scheme)[1:]
+        return f"`{' '.join(values)}` (searched)" if values else "shipped default"
+
+    def final_table(self, size: str, epochs: int, stats: dict, curves: dict) -> list[str]:
+        """The rows of one student size and schedule; fills `stats` and `curves` keyed (size, scheme,
+        epochs)."""
+        rows = []
+        for scheme in self.args.schemes:
+            runs = self.per_seed(self.final_name(size, scheme, epochs))
+            if not runs:
+                continue
+            acc = [100 * r.data.metrics["test/acc"] for r in runs]
+            val = [100 * r.data.metrics.get("val/acc", float("nan")) for r in runs]
+            ece = [r.data.metrics.get("test/ece", float("nan")) for r in runs]
+            key = (size, scheme, epochs)
+            stats[key] = (statistics.mean(acc), std(acc))
+            curves[key] = [self.curve(r) for r in runs]
+            base = stats.get((size, "none", epochs))
+            delta = ""
+            if base and scheme != "none":
+                m, s = stats[key]
+                beats = " (mean-std > scratch mean+std)" if m - s > sum(base) else ""
+                delta = f"{m - base[0]:+.2f}{beats}"
+            rows.append(f"| {scheme} | {self.setting(scheme)} | {mean_std(acc)} (n={len(acc)}) | {delta} | "
+                        f"{statistics.mean(val):.2f} | {statistics.mean(ece):.4f} |")
+        return rows
+
     def report(self) -> None:
         lines = ["# Distillation benchmark (scripts/bench_distill.py)", ""]
         teacher = self.teacher_run()
@@ -277,26 +305,12 @@ class Bench:
         stats: dict = {}
         curves: dict = {}
         for size in self.args.sizes:
-            lines += ["", f"## Students at {size} of the teacher's parameters", "",
-                      "| scheme | searched setting | test acc % (mean ± std, last epoch) | vs scratch | "
-                      "val acc % | test ECE |", "|---|---|---|---|---|---|"]
-            for scheme in self.args.schemes:
-                runs = self.per_seed(self.final_name(size, scheme))
-                if not runs:
-                    continue
-                acc = [100 * r.data.metrics["test/acc"] for r in runs]
-                val = [100 * r.data.metrics.get("val/acc", float("nan")) for r in runs]
-                ece = [r.data.metrics.get("test/ece", float("nan")) for r in runs]
-                stats[size, scheme] = (statistics.mean(acc), std(acc))
-                curves[size, scheme] = [self.curve(r) for r in runs]
-                setting = " ".join(self.tuned(scheme)[1:])
-                base = stats.get((size, "none"))
-                delta = "" if scheme == "none" or base is None else f"{stats[size, scheme][0] - base[0]:+.2f}"
-                if base and scheme != "none":
-                    m, s = stats[size, scheme]
-                    delta += " (beats: mean-std > scratch mean+std)" if m - s > base[0] + base[1] else ""
-                lines.append(f"| {scheme} | `{setting}` | {mean_std(acc)} (n={len(acc)}) | {delta} | "
-                             f"{statistics.mean(val):.2f} | {statistics.mean(ece):.4f} |")
+            for epochs in self.args.report_epochs:
+                table = self.final_table(size, epochs, stats, curves)
+                if table:
+                    lines += ["", f"## Students at {size} of the teacher's parameters, {epochs} epochs", "",
+                              "| scheme | setting | test acc % (mean ± std, last epoch) | vs scratch | "
+                              "val acc % | test ECE |", "|---|---|---|---|---|---|", *table]
         lines += ["", "## Few labels (1/50 student): scratch on the labeled images, KD on all", "",
                   "| labels | scratch test acc % | scratch epochs (chosen on val) | KD test acc % | "
                   "KD setting (chosen on val) | KD - scratch |", "|---|---|---|---|---|---|"]
@@ -335,8 +349,8 @@ class Bench:
                              f"{statistics.mean(v[1] for v in vals):.2f} | {len(vals)} |")
         (self.work / "report.md").write_text("\n".join(lines) + "\n")
         (self.work / "report.json").write_text(json.dumps(
-            {"final": {f"{k[0]} {k[1]}": v for k, v in stats.items()},
-             "curves": {f"{k[0]} {k[1]}": v for k, v in curves.items()},
+            {"final": {" ".join(map(str, k)): v for k, v in stats.items()},
+             "curves": {" ".join(map(str, k)): v for k, v in curves.items()},
              "temperature": {f"{k[0]} {k[1]}": v for k, v in temps.items()}}, indent=1))
         self.plots(curves, temps)
         print("\n".join(lines))
@@ -351,15 +365,17 @@ class Bench:
             n = len(self.args.sizes)
             fig, axes = plt.subplots(1, n, figsize=(6 * n, 4), squeeze=False)
             for ax, size in zip(axes[0], self.args.sizes, strict=True):
-                for scheme in self.args.schemes:
-                    runs = [c for c in curves.get((size, scheme), []) if c]
-                    if runs:
-                        n = min(map(len, runs))
-                        mean = [100 * statistics.mean(c[i] for c in runs) for i in range(n)]
-                        ax.plot(range(1, n + 1), mean, label=scheme)
+                for (sz, scheme, epochs), seeds in curves.items():
+                    runs = [c for c in seeds if c]
+                    if sz != size or not runs:
+                        continue
+                    n = min(map(len, runs))
+                    mean = [100 * statistics.mean(c[i] for c in runs) for i in range(n)]
+                    ax.plot(range(1, n + 1), mean, label=f"{scheme} ({epochs} ep)",
+                            linestyle="-" if epochs == min(self.args.report_epochs) else "--")
                 ax.set(title=f"student {size}: validation accuracy per epoch (mean of seeds)", xlabel="epoch",
                        ylabel="val acc %")
-                ax.legend()
+                ax.legend(fontsize=7)
             fig.tight_layout()
             fig.savefig(self.work / "curves.png", dpi=110)
         if temps:
@@ -383,6 +399,8 @@ def main() -> None:
     ap.add_argument("--schemes", nargs="+", choices=SEARCHABLE, default=list(SCHEMES))
     ap.add_argument("--sizes", nargs="+", choices=list(STUDENTS), default=list(STUDENTS))
     ap.add_argument("--epochs", type=int, default=10, help="student epochs (full data)")
+    ap.add_argument("--report-epochs", type=int, nargs="+", default=[10, 20],
+                    help="the schedules whose final runs the report tabulates")
     ap.add_argument("--jobs", type=int, default=2, help="kdpipe commands at once, one torch thread each")
     ap.add_argument("--default-trials", type=int, default=4, help="Optuna trials per scheme")
     ap.add_argument("--trials", type=json.loads, default={"kd": 6, "crd": 3, "none": 3},
