@@ -123,8 +123,12 @@ def test_a_slim_onnx_file_computes_the_same_and_carries_no_metadata(fragile, tmp
 
 
 def test_the_quantize_stage_meets_a_budget_and_logs_sensitivity_and_decisions(store, tmp_path):
-    res = run_cli([*FAST, "prune=none", "compress.max_acc_drop=100", "compress.sensitivity=true"], tmp_path)
+    """Also: pruning's fine-tuning recovers by distilling from the uncompressed model it started from."""
+    res = run_cli([*FAST, "prune.finetune.epochs=1", "prune.finetune.distill_from=input",
+                   "compress.max_acc_drop=100", "compress.sensitivity=true"], tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
+    prune = next(r for r in stage_runs() if r.data.tags.get("kdpipe.stage") == "prune")
+    assert prune.data.tags["kdpipe.finetune_from"] == "input"
     quant = next(r for r in stage_runs() if r.data.tags.get("kdpipe.stage") == "quantize")
     assert quant.data.tags["kdpipe.budget_met"] == "true" and quant.data.tags["kdpipe.budget_kept"] == "-"
     client = MlflowClient()

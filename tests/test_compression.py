@@ -316,6 +316,8 @@ def test_one_shot_cut_above_half_warns_and_suggests_iterative():
     (["prune=structured", "prune.importance._target_=kdpipe.compress.importance.Random"],
      "No module named 'kdpipe.compress.importance.Random'"),
     (["prune=structured", "trainer=ddp"], "a distributed run cannot follow; prune on one device"),
+    (["prune.finetune.distill_from=student"], "prune.finetune.distill_from=student is not known"),
+    (["quantize=qat", "quantize.distill_from=x"], "quantize.distill_from=x is not known"),
     (["compress.max_acc_drop=-1"], r"compress.max_acc_drop=-1: give the points .* a number >= 0"),
     (["compress.max_acc_drop=one"], r"compress.max_acc_drop=one: give the points"),
     (["compress.reference=best"], "compress.reference=best is not known; use input"),

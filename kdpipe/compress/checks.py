@@ -30,6 +30,12 @@ def _processes(trainer: DictConfig | None) -> int:
     return n * int(trainer.get("num_nodes", 1) or 1)
 
 
+def check_distill_from(value: str, key: str) -> None:
+    if str(value) not in ("teacher", "input"):
+        raise ConfigError(f"{key}={value} is not known; fine-tuning distils from teacher or from input "
+                          f"(the uncompressed model entering the stage)")
+
+
 def check_prune(prune: DictConfig, trainer: DictConfig | None = None, model: nn.Module | None = None,
                 example: torch.Tensor | None = None) -> None:
     """Build the schedule (its range checks run) and the pruner, on `model` when given (a fresh
@@ -41,6 +47,8 @@ def check_prune(prune: DictConfig, trainer: DictConfig | None = None, model: nn.
     if prune.get("storage", "dense") not in STORAGES:
         raise ConfigError(f"prune.storage={prune.storage} must be sparse (bitmask + non-zero values) "
                           "or dense")
+    finetune = prune.get("finetune") or {}
+    check_distill_from(finetune.get("distill_from", "teacher"), "prune.finetune.distill_from")
     schedule = build(prune.schedule, "prune.schedule")
     if model is not None:
         pruner = build(prune.pruner, "prune.pruner", model=model, example_inputs=example)
@@ -71,6 +79,8 @@ def check_quantize(quantize: DictConfig) -> None:
     if str(cal.method) not in CALIBRATION_METHODS:
         raise ConfigError(f"quantize.calibration.method={cal.method} is not known; use one of "
                           f"{', '.join(CALIBRATION_METHODS)}")
+    if mode == "qat":
+        check_distill_from(quantize.get("distill_from", "teacher"), "quantize.distill_from")
     if mode == "qat" and int(quantize.epochs) < 1:
         raise ConfigError(f"quantize.epochs={quantize.epochs}: QAT needs at least 1 epoch of fake-quant "
                           f"training; use quantize=static for no training")

@@ -9,6 +9,7 @@ from kdpipe.compress import prune_model
 from kdpipe.compress.save import save_pruned
 from kdpipe.errors import build
 from kdpipe.models.io import load_model, read_model_file
+from kdpipe.modules import DistillationModule
 from kdpipe.stages.base import PipelineContext, Product, StageOutput, StageRun, run_stage
 from kdpipe.stages.finetune import finetune_module
 from kdpipe.stages.train import TRAINING_SECTIONS
@@ -21,8 +22,12 @@ def prune_compute(run: StageRun, upstream: StageOutput, teacher: StageOutput | N
     pruner = build(pcfg.pruner, "prune.pruner", model=model, example_inputs=ctx.example_input)
     schedule = build(pcfg.schedule, "prune.schedule")
 
+    source = upstream if str(ft.get("distill_from", "teacher")) == "input" else teacher
+
     def finetune(callbacks, epochs: int) -> None:
-        module = finetune_module(ctx, model, teacher, bool(ft.distill), float(ft.lr_scale))
+        module = finetune_module(ctx, model, source, bool(ft.distill), float(ft.lr_scale))
+        origin = str(ft.get("distill_from", "teacher"))
+        mlflow.set_tag("kdpipe.finetune_from", origin if isinstance(module, DistillationModule) else "labels")
         run.fitter.fit(module, "finetune", epochs, callbacks, resumable=False)
 
     metrics = prune_model(pruner, schedule, finetune)
@@ -35,6 +40,7 @@ def prune_compute(run: StageRun, upstream: StageOutput, teacher: StageOutput | N
 
 
 def run_prune(ctx: PipelineContext, upstream: StageOutput, teacher: StageOutput | None) -> StageOutput:
-    """Prune the model of `upstream` (fine-tuning distils from `teacher` when configured)."""
+    """Prune the model of `upstream`; fine-tuning distils from `teacher`, or from the uncompressed
+    `upstream` itself (`prune.finetune.distill_from=input`), when configured."""
     return run_stage(ctx, "prune", ["prune", "distill", *TRAINING_SECTIONS], [upstream],
                      lambda run: prune_compute(run, upstream, teacher))

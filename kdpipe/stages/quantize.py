@@ -32,12 +32,14 @@ from kdpipe.stages.train import TRAINING_SECTIONS
 log = logging.getLogger("kdpipe")
 
 
-def qat_finetune(run: StageRun, model: nn.Module, teacher: StageOutput | None) -> None:
+def qat_finetune(run: StageRun, model: nn.Module, teacher: StageOutput | None, upstream: StageOutput) -> None:
     """A few epochs with fake int8 in the forward pass so the weights settle where int8
-    rounding costs least; the fake quantization is removed afterwards."""
+    rounding costs least, distilling from the teacher or from the fp32 model itself
+    (`quantize.distill_from`); the fake quantization is removed afterwards."""
     qcfg = run.ctx.cfg.quantize
     fake = FakeQuantCallback(model)
-    module = finetune_module(run.ctx, model, teacher, bool(qcfg.distill), float(qcfg.lr_scale))
+    source = upstream if str(qcfg.get("distill_from", "teacher")) == "input" else teacher
+    module = finetune_module(run.ctx, model, source, bool(qcfg.distill), float(qcfg.lr_scale))
     run.fitter.fit(module, "qat", int(qcfg.epochs), [fake], resumable=False)
     fake.detach()
     model.eval()
@@ -112,7 +114,7 @@ def quantize_compute(run: StageRun, upstream: StageOutput, teacher: StageOutput 
     mode = str(qcfg.mode)
     out_dir = ctx.workdir / "quantize"
     if mode == "qat":
-        qat_finetune(run, model, teacher)
+        qat_finetune(run, model, teacher, upstream)
     fp32 = export_onnx(model, ctx.example_input, out_dir / "model.fp32.onnx")
     quantize = int8_quantizer(ctx, fp32)
     out = out_dir / "model.int8.onnx"
