@@ -155,7 +155,7 @@ RANGES: dict[str, Callable[[Any, str], Any]] = {
     "*lr_scale": partial(positive, hint="fine-tuning lr = optim.lr * this"),  # prune.finetune, quantize
     "quantize.calibration.num_batches": partial(
         positive_int, hint="static int8 needs calibration data to set activation ranges, e.g. 8 batches"),
-    "quantize.epochs": partial(positive_int, hint="QAT trains with fake int8; quantize=static trains none"),
+    "quantize.epochs": partial(whole_number, hint="fine-tuning epochs of qat, int4, binary, kmeans"),
     "optim.lr": partial(positive, hint="the learning rate, e.g. 0.01"),
     "optim.weight_decay": partial(non_negative, hint="the L2 penalty; 0 for none"),
     "data.batch_size": partial(positive_int, hint="samples per batch"),

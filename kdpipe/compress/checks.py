@@ -10,6 +10,7 @@ from omegaconf import DictConfig, ListConfig
 from torch import nn
 
 from kdpipe import limits
+from kdpipe.compress.lowbit import FORMATS as LOWBIT_FORMATS
 from kdpipe.compress.quantize import CALIBRATION_METHODS, CompressionWarning
 from kdpipe.compress.save import STORAGES
 from kdpipe.errors import ConfigError, build
@@ -66,12 +67,32 @@ def check_prune(prune: DictConfig, trainer: DictConfig | None = None, model: nn.
             f"or prune/schedule=agp", CompressionWarning, stacklevel=2)
 
 
+def check_lowbit(quantize: DictConfig) -> None:
+    mode = str(quantize.mode)
+    if mode == "kmeans" and not 1 <= int(quantize.bits) <= 8:
+        raise ConfigError(f"quantize.bits={quantize.bits}: k-means weight sharing takes 1 to 8 bits "
+                          f"(2 to 256 shared values a layer)")
+    if mode == "int4" and int(quantize.group_size) < 1:
+        raise ConfigError(f"quantize.group_size={quantize.group_size}: int4 needs groups of at least 1 "
+                          f"weight (e.g. 32)")
+    if int(quantize.epochs) < 0:
+        raise ConfigError(f"quantize.epochs={quantize.epochs} must be >= 0")
+    check_distill_from(quantize.get("distill_from", "teacher"), "quantize.distill_from")
+    if mode == "binary" and int(quantize.epochs) == 0:
+        warnings.warn("quantize=binary with quantize.epochs=0: binary weights without training lose most of "
+                      "the accuracy; give a few epochs (e.g. 3)", CompressionWarning, stacklevel=2)
+
+
 def check_quantize(quantize: DictConfig) -> None:
     mode = str(quantize.get("mode", "none"))
     if mode in ("none", "dynamic"):
         return
+    if mode in LOWBIT_FORMATS:
+        check_lowbit(quantize)
+        return
     if mode not in ("static", "qat"):
-        raise ConfigError(f"quantize.mode={mode} is not known; use quantize=dynamic, static, qat or none")
+        raise ConfigError(f"quantize.mode={mode} is not known; use quantize=dynamic, static, qat, int4, "
+                          f"binary, kmeans or none")
     cal = quantize.calibration
     if int(cal.num_batches) < 1:
         raise ConfigError(f"quantize.calibration.num_batches={cal.num_batches}: {mode} quantization needs "
@@ -121,9 +142,10 @@ def check_budget(cfg: DictConfig) -> None:
     if budget is not None and reference == "teacher" and cfg.get("teacher") is None:
         raise ConfigError("compress.reference=teacher, but this pipeline has no teacher; use "
                           "compress.reference=input")
-    if (budget is not None or ccfg.get("sensitivity")) and str(cfg.quantize.get("mode", "none")) == "none":
-        raise ConfigError("compress.max_acc_drop and compress.sensitivity act on the quantize stage, and "
-                          "quantize=none; pick quantize=static (or dynamic, qat)")
+    mode = str(cfg.quantize.get("mode", "none"))
+    if (budget is not None or ccfg.get("sensitivity")) and mode not in ("static", "dynamic", "qat"):
+        raise ConfigError(f"compress.max_acc_drop and compress.sensitivity act on int8 in the quantize "
+                          f"stage, and quantize={mode}; pick quantize=static (or dynamic, qat)")
 
 
 def check_compression(cfg: DictConfig) -> None:

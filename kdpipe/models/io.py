@@ -21,7 +21,8 @@ def save_model(model: nn.Module, arch: dict[str, Any], path: str | Path,
                state_dict: dict[str, torch.Tensor] | None = None, **extra: Any) -> Path:
     """Save weights plus the config that rebuilds the architecture. `extra` entries (tensors,
     numbers, strings, lists, dicts) are stored beside them: `sparse` (packed pruned weights,
-    see kdpipe/compress/sparse_format.py, with the rest in `state_dict`) and `structured=True`
+    see kdpipe/compress/sparse_format.py, with the rest in `state_dict`), `lowbit` (int4, binary
+    or clustered weights, kdpipe/compress/lowbit.py) and `structured=True`
     (channels removed: the built model is shrunk to the saved shapes) are understood on load."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -38,6 +39,10 @@ def read_model_file(path: str | Path) -> dict[str, Any]:
         from kdpipe.compress.sparse_format import unpack_state_dict
 
         payload["state_dict"] = unpack_state_dict(payload["state_dict"], payload.pop("sparse"))
+    if payload.get("lowbit"):
+        from kdpipe.compress.lowbit import unpack_state_dict as unpack_lowbit
+
+        payload["state_dict"] = unpack_lowbit(payload["state_dict"], payload.pop("lowbit"))
     return payload
 
 

@@ -95,7 +95,8 @@ def run_name(cfg: DictConfig, overrides: Sequence[str] = ()) -> str:
         parts.append(f"{str(method)[:3]}{round(100 * float(cfg.prune.get('sparsity', 0.0)))}")
     mode = cfg.quantize.get("mode", "none")
     if mode != "none":
-        parts.append("int8" if mode == "static" else f"int8-{mode}")  # static is the default mode
+        parts.append("int8" if mode == "static" else mode if mode in ("int4", "binary", "kmeans")
+                     else f"int8-{mode}")  # static is the default mode
     items = [_ESCAPED.sub(r"\1", o.lstrip("+~")).partition("=") for o in overrides]
     if any(key == "seed" for key, _, _ in items) or int(cfg.get("seed", 0)) != 0:
         parts.append(f"s{cfg.seed}")
