@@ -10,11 +10,19 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from kdpipe.cli import CONFIG_PATH
-from kdpipe.compress.budget import back_off, int8_sensitivity, layer_labels, log_backoff, quantizable_nodes
+from kdpipe.compress.budget import (
+    back_off,
+    int8_sensitivity,
+    layer_labels,
+    log_backoff,
+    prune_sensitivity,
+    quantizable_nodes,
+)
 from kdpipe.compress.quantize import quantize_static_int8, read_calibration
 from kdpipe.compress.slim import slim_onnx
 from kdpipe.config import validate
@@ -136,6 +144,9 @@ def test_the_quantize_stage_meets_a_budget_and_logs_sensitivity_and_decisions(st
         "sensitivity/quantize.json", "sensitivity/quantize.md", "sensitivity/quantize.png"}
     table = mlflow.artifacts.load_text(f"runs:/{quant.info.run_id}/sensitivity/quantize.md")
     assert "| features.0 | int8 |" in table and "| classifier | int8 |" in table
+    prune_table = mlflow.artifacts.load_text(f"runs:/{prune.info.run_id}/sensitivity/prune.md")
+    assert "| features.0.0 | sparsity 0.25 |" in prune_table
+    assert "| classifier | sparsity 0.75 |" in prune_table
     shipped = next(r for r in stage_runs() if r.data.tags.get("kdpipe.stage") == "quantize")
     model = onnx.load(client.download_artifacts(shipped.info.run_id, "model", str(tmp_path / "dl"))
                       + "/model.int8.onnx")
@@ -148,3 +159,22 @@ def test_a_budget_against_the_teacher_needs_a_teacher():
                                            "compress.reference=teacher"])
     with pytest.raises(ConfigError, match="compress.reference=teacher, but this pipeline has no teacher"):
         validate(cfg)
+
+
+def test_structured_prune_sensitivity_prunes_one_layer_at_a_time_on_a_copy(fragile):
+    model, _, loader, _, _ = fragile
+    widths = [m.out_features for m in model if isinstance(m, nn.Linear)]
+    cfg = OmegaConf.create({"_target_": "kdpipe.compress.StructuredPruner", "importance": None})
+
+    def val_acc(m) -> float:
+        with torch.no_grad():
+            return float(torch.cat([(m(x).argmax(-1) == y).float() for x, y in loader]).mean())
+
+    rows = prune_sensitivity(model, cfg, torch.zeros(2, 8), val_acc, [0.25, 0.95])
+    # the classifier (the layer producing the logits) is never pruned, so the two hidden layers
+    assert [(r["layer"], r["setting"]) for r in rows] == [
+        ("0", "sparsity 0.25"), ("0", "sparsity 0.95"), ("2", "sparsity 0.25"), ("2", "sparsity 0.95")]
+    for layer in ("0", "2"):
+        light, heavy = (r["drop_points"] for r in rows if r["layer"] == layer)
+        assert heavy >= light and heavy > 5, rows
+    assert [m.out_features for m in model if isinstance(m, nn.Linear)] == widths, "the model is untouched"

@@ -8,15 +8,22 @@ still reports an unbiased number for what was shipped.
 from __future__ import annotations
 
 import ast
+import copy
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
 import onnx
+import torch
+from hydra.utils import instantiate
 from torch import nn
+from torch.nn.utils import prune as torch_prune
 
+from kdpipe.compress.prune import PRUNABLE
+from kdpipe.compress.structured import accumulate_gradients
+from kdpipe.errors import build
 from kdpipe.report.tables import markdown_table
 
 log = logging.getLogger("kdpipe")
@@ -66,6 +73,41 @@ def int8_sensitivity(nodes: Sequence[str], quantize: Callable[[Path, list[str]],
                      "drop_points": 100.0 * (base - acc)})
         log.info("sensitivity: only %s int8: val acc %.2f %% (%+.2f points)", rows[-1]["layer"], 100 * acc,
                  -rows[-1]["drop_points"])
+    return rows
+
+
+def prune_sensitivity(model: nn.Module, pruner_cfg, example: torch.Tensor,
+                      val_acc: Callable[[nn.Module], float], sparsities: Sequence[float],
+                      train_batches: Iterable | None = None) -> list[dict]:
+    """One row per (layer, sparsity): the validation accuracy when only that layer is pruned, with no
+    fine-tuning. A structural pruner (channels) is built on a copy with every other layer ignored, so
+    it removes that layer's output channels (and the inputs that read them); a magnitude pruner
+    masks that layer's smallest |w|."""
+    base = val_acc(model)
+    rows = []
+    structural = getattr(instantiate(pruner_cfg, _partial_=True).func, "structural", False)
+    if structural:
+        probe = build(pruner_cfg, "prune.pruner", model=copy.deepcopy(model), example_inputs=example)
+        layers, always = list(probe._widths()), list(probe.ignored)
+    else:
+        layers, always = [p for p, m in model.named_modules() if isinstance(m, PRUNABLE)], []
+    for layer in layers:
+        for s in sparsities:
+            trial = copy.deepcopy(model)
+            if structural:
+                others = [p for p in layers if p != layer]
+                pruner = build(pruner_cfg, "prune.pruner", model=trial, example_inputs=example,
+                               ignore=[*always, *others])
+                if pruner.gradient_batches and train_batches is not None:
+                    accumulate_gradients(trial, train_batches, pruner.gradient_batches)
+                pruner.step(float(s))
+            else:
+                torch_prune.l1_unstructured(trial.get_submodule(layer), "weight", amount=float(s))
+            acc = val_acc(trial.eval())
+            rows.append({"layer": layer, "setting": f"sparsity {s:g}", "val_acc": acc,
+                         "drop_points": 100.0 * (base - acc)})
+            log.info("sensitivity: only %s pruned to %g: val acc %.2f %% (%+.2f points)", layer, s, 100 * acc,
+                     -rows[-1]["drop_points"])
     return rows
 
 

@@ -143,9 +143,15 @@ def check_budget(cfg: DictConfig) -> None:
         raise ConfigError("compress.reference=teacher, but this pipeline has no teacher; use "
                           "compress.reference=input")
     mode = str(cfg.quantize.get("mode", "none"))
-    if (budget is not None or ccfg.get("sensitivity")) and mode not in ("static", "dynamic", "qat"):
-        raise ConfigError(f"compress.max_acc_drop and compress.sensitivity act on int8 in the quantize "
-                          f"stage, and quantize={mode}; pick quantize=static (or dynamic, qat)")
+    int8 = mode in ("static", "dynamic", "qat")
+    if budget is not None and not int8:
+        raise ConfigError(f"compress.max_acc_drop acts on int8 in the quantize stage, and quantize={mode}; "
+                          f"pick quantize=static (or dynamic, qat)")
+    if ccfg.get("sensitivity") and not int8 and cfg.prune.get("method", "none") == "none":
+        raise ConfigError(f"compress.sensitivity measures the prune stage and int8 quantization, and this "
+                          f"pipeline has neither (prune=none, quantize={mode})")
+    for s in ccfg.get("sensitivity_sparsities") or []:
+        limits.sparsity(s, "compress.sensitivity_sparsities")
 
 
 def check_compression(cfg: DictConfig) -> None:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import mlflow
 
 from kdpipe.compress import prune_model
+from kdpipe.compress.budget import log_sensitivity, prune_sensitivity
 from kdpipe.compress.save import save_pruned
 from kdpipe.errors import build
+from kdpipe.metrics.measure import torch_logits
 from kdpipe.models.io import load_model, read_model_file
 from kdpipe.modules import DistillationModule
 from kdpipe.stages.base import PipelineContext, Product, StageOutput, StageRun, run_stage
@@ -19,6 +21,16 @@ def prune_compute(run: StageRun, upstream: StageOutput, teacher: StageOutput | N
     ctx = run.ctx
     pcfg, ft = ctx.cfg.prune, ctx.cfg.prune.finetune
     model = load_model(upstream.path)
+    if ctx.cfg.compress.sensitivity:
+        val = ctx.datamodule.val_dataloader()
+
+        def val_acc(m) -> float:
+            logits, target = torch_logits(m, val)
+            return float((logits.argmax(-1) == target).float().mean())
+
+        log_sensitivity(prune_sensitivity(model, pcfg.pruner, ctx.example_input, val_acc,
+                                          list(ctx.cfg.compress.sensitivity_sparsities),
+                                          ctx.datamodule.train_dataloader()), "prune")
     pruner = build(pcfg.pruner, "prune.pruner", model=model, example_inputs=ctx.example_input)
     schedule = build(pcfg.schedule, "prune.schedule")
 
@@ -42,5 +54,5 @@ def prune_compute(run: StageRun, upstream: StageOutput, teacher: StageOutput | N
 def run_prune(ctx: PipelineContext, upstream: StageOutput, teacher: StageOutput | None) -> StageOutput:
     """Prune the model of `upstream`; fine-tuning distils from `teacher`, or from the uncompressed
     `upstream` itself (`prune.finetune.distill_from=input`), when configured."""
-    return run_stage(ctx, "prune", ["prune", "distill", *TRAINING_SECTIONS], [upstream],
+    return run_stage(ctx, "prune", ["prune", "compress", "distill", *TRAINING_SECTIONS], [upstream],
                      lambda run: prune_compute(run, upstream, teacher))
