@@ -26,6 +26,7 @@ from kdpipe.losses import (
     SoftTargetKL,
     TargetClassKD,
     WeightedSum,
+    WeightL1,
     soft_kl,
 )
 from kdpipe.models.ensemble import EnsembleTeacher
@@ -304,3 +305,33 @@ def test_crd_contrasts_both_ways_against_its_memory_banks_and_fills_them_as_a_qu
     term.eval()
     term(out)
     assert int(term.bank_next) == 1, "evaluation does not write the banks"
+
+
+def test_weight_l1_is_the_mean_absolute_conv_and_linear_weight_and_sparsifies_training():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2), nn.Linear(2, 1))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, -2.0, 0.0], [0.5, 0.0, -0.5]]))
+        model[2].weight.copy_(torch.tensor([[-4.0, 2.0]]))
+    term = WeightL1()
+    term.setup(model, None, torch.zeros(2, 3))
+    out = DistillOutputs(torch.zeros(2, 1), None, torch.zeros(2, dtype=torch.long))
+    assert term(out).item() == pytest.approx((1 + 2 + 0.5 + 0.5 + 4 + 2) / 8)  # biases, BN excluded
+
+    def near_zero_after(l1_weight: float) -> float:
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 2))
+        penalty = WeightL1()
+        penalty.setup(net, None, torch.zeros(1, 20))
+        x, y = torch.randn(256, 20), (torch.randn(256, 20)[:, 0] > 0).long()
+        opt = torch.optim.Adam(net.parameters(), lr=0.01)
+        for _ in range(200):
+            opt.zero_grad()
+            logits = net(x)
+            loss = F.cross_entropy(logits, y) + l1_weight * penalty(DistillOutputs(logits, None, y))
+            loss.backward()
+            opt.step()
+        w = torch.cat([net[0].weight.flatten(), net[2].weight.flatten()])
+        return float((w.abs() < 1e-2).float().mean())
+
+    assert near_zero_after(0.5) > 0.2 > 0.05 > near_zero_after(0.0)

@@ -9,6 +9,7 @@ term as `train/loss_<name>`.
 from kdpipe.losses.base import DistillOutputs, LossTerm, WeightedSum
 from kdpipe.losses.contrastive import ContrastiveRepresentation
 from kdpipe.losses.feature import AttentionTransfer, Hint
+from kdpipe.losses.regularize import WeightL1
 from kdpipe.losses.relation import RKDAngle, RKDDistance, SimilarityPreserving
 from kdpipe.losses.response import (
     CrossEntropy,
@@ -23,5 +24,5 @@ from kdpipe.losses.response import (
 
 __all__ = ["AttentionTransfer", "ContrastiveRepresentation", "CrossEntropy", "DistillOutputs", "Hint",
            "InterClassRelation", "IntraClassRelation", "LogitStandardizedKL", "LossTerm", "NonTargetClassKD",
-           "RKDAngle",
-           "RKDDistance", "SimilarityPreserving", "SoftTargetKL", "TargetClassKD", "WeightedSum", "soft_kl"]
+           "RKDAngle", "RKDDistance", "SimilarityPreserving", "SoftTargetKL", "TargetClassKD", "WeightL1",
+           "WeightedSum", "soft_kl"]
