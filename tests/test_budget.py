@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from kdpipe.cli import CONFIG_PATH
+from kdpipe.compress import target
 from kdpipe.compress.budget import (
     back_off,
     int8_sensitivity,
@@ -23,7 +24,7 @@ from kdpipe.compress.budget import (
     prune_sensitivity,
     quantizable_nodes,
 )
-from kdpipe.compress.quantize import quantize_static_int8, read_calibration
+from kdpipe.compress.quantize import CompressionWarning, quantize_static_int8, read_calibration
 from kdpipe.compress.slim import slim_onnx
 from kdpipe.config import validate
 from kdpipe.errors import ConfigError
@@ -178,3 +179,36 @@ def test_structured_prune_sensitivity_prunes_one_layer_at_a_time_on_a_copy(fragi
         light, heavy = (r["drop_points"] for r in rows if r["layer"] == layer)
         assert heavy >= light and heavy > 5, rows
     assert [m.out_features for m in model if isinstance(m, nn.Linear)] == widths, "the model is untouched"
+
+
+def test_the_sparsity_search_finds_the_lowest_sparsity_that_meets_the_target(store):
+    """Bisection on a candidate whose latency falls with the sparsity (measured values stand in
+    for ORT timings here; the pipeline test below measures real files)."""
+    def measure(s: float) -> target.Candidate:
+        return target.Candidate(s, latency_ms=1.0 - s, size_bytes=int(1000 * (1 - s) ** 2), flops=100)
+
+    with mlflow.start_run():
+        chosen, tried = target.search_sparsity(measure, lambda c: c.latency_ms <= 0.6, max_sparsity=0.9,
+                                               steps=6)
+        assert 0.4 <= chosen.sparsity <= 0.4 + 0.9 / 2 ** 6 and len(tried) == 8
+        low, tried = target.search_sparsity(measure, lambda c: c.size_bytes <= 1000)
+        assert low.sparsity == 0 and len(tried) == 1, "an unpruned model that meets it stays unpruned"
+        with pytest.raises(target.TargetNotReachable, match="even at sparsity 0.9"):
+            target.search_sparsity(measure, lambda c: c.latency_ms <= 0.05)
+    base = target.Candidate(0, 1.0, 1000, 100)
+    with pytest.warns(CompressionWarning, match="cut FLOPs to 50% .* latency only to 95%"):
+        target.warn_if_flops_fall_but_latency_does_not(base, target.Candidate(0.5, 0.95, 500, 50))
+
+
+def test_a_size_target_prunes_channels_until_the_shipped_int8_file_fits(store, tmp_path):
+    args = [*FAST, "prune=structured", "prune.finetune.epochs=1", "student.model.width=16"]
+    res = run_cli([*args, "compress.target_size_bytes=9000", "compress.target_margin=0"], tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    runs = stage_runs()
+    prune = next(r for r in runs if r.data.tags.get("kdpipe.stage") == "prune")
+    quant = next(r for r in runs if r.data.tags.get("kdpipe.stage") == "quantize")
+    chosen = prune.data.metrics["target/chosen_sparsity"]
+    assert 0 < chosen < 0.9 and prune.data.tags["kdpipe.target"].startswith(f"sparsity {chosen:.3f}")
+    assert quant.data.metrics["model/size_bytes"] <= 9000, "the shipped int8 file meets the target"
+    res = run_cli([*args, "compress.target_size_bytes=10"], tmp_path)
+    assert res.returncode != 0 and "compress.target_size_bytes=10 cannot be met by pruning" in res.stderr

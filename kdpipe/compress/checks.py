@@ -152,6 +152,23 @@ def check_budget(cfg: DictConfig) -> None:
                           f"pipeline has neither (prune=none, quantize={mode})")
     for s in ccfg.get("sensitivity_sparsities") or []:
         limits.sparsity(s, "compress.sensitivity_sparsities")
+    targets = {k: ccfg.get(k) for k in ("target_latency_ms", "target_size_bytes") if ccfg.get(k) is not None}
+    if not targets:
+        return
+    for key, value in targets.items():
+        limits.positive(value, f"compress.{key}", "the target, e.g. 0.05 (ms) or 30000 (bytes)")
+    pruner = cfg.prune.get("pruner")
+    if pruner is None or not getattr(instantiate(pruner, _partial_=True).func, "structural", False):
+        method = cfg.prune.get("method", "none")
+        raise ConfigError(f"compress.{next(iter(targets))} is met by removing channels: use prune=structured "
+                          f"(the zeroed weights of prune={method} run no faster, and ONNX files do not "
+                          f"shrink with them)")
+    limits.sparsity(ccfg.get("max_sparsity", 0.9), "compress.max_sparsity")
+    margin = limits.non_negative(ccfg.get("target_margin", 0.0), "compress.target_margin",
+                                 hint="the share of the target kept in reserve, e.g. 0.05")
+    if margin >= 1:
+        raise ConfigError(f"compress.target_margin={margin} must be below 1 (the share of the target kept "
+                          f"in reserve, e.g. 0.05)")
 
 
 def check_compression(cfg: DictConfig) -> None:

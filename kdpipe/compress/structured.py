@@ -61,13 +61,14 @@ class StructuredPruner:
     `ignore`: module paths never pruned (default: the classifier). `importance`: how channels
     are scored (`kdpipe.compress.importance`); one that `needs_gradients` reads `.grad`, which
     `accumulate_gradients` fills from `gradient_batches` training batches before each step.
+    `round_to`: keep channel counts multiples of this (e.g. 8), the widths CPU kernels run fast.
     """
 
     structural = True
 
     def __init__(self, model: nn.Module, example_inputs: torch.Tensor, importance: object | None = None,
                  ignore: Sequence[str] | None = None, global_pruning: bool = False,
-                 gradient_batches: int = 4) -> None:
+                 gradient_batches: int = 4, round_to: int | None = None) -> None:
         importance = Magnitude() if importance is None else importance
         was_training = model.training  # tracing the graph leaves the model in eval mode
         modules = dict(model.named_modules())
@@ -80,7 +81,8 @@ class StructuredPruner:
         self.gradient_batches = int(gradient_batches) if needs_gradients(importance) else 0
         self._pruner = tp.pruner.MetaPruner(
             model, example_inputs[:1], importance=importance, global_pruning=global_pruning,
-            pruning_ratio=0.0, iterative_steps=1, ignored_layers=[modules[p] for p in paths])
+            pruning_ratio=0.0, iterative_steps=1, ignored_layers=[modules[p] for p in paths],
+            round_to=int(round_to) if round_to else None)
         model.train(was_training)
         self._initial = self._widths()
 

@@ -3,18 +3,24 @@ number logged here is measured on the saved artefact."""
 
 from __future__ import annotations
 
+import logging
+
 import mlflow
 
-from kdpipe.compress import prune_model
+from kdpipe.compress import prune_model, target
 from kdpipe.compress.budget import log_sensitivity, prune_sensitivity
+from kdpipe.compress.quantize import quantize_dynamic_int8, quantize_static_int8, read_calibration
 from kdpipe.compress.save import save_pruned
-from kdpipe.errors import build
+from kdpipe.compress.slim import slim_onnx
+from kdpipe.errors import ConfigError, build
 from kdpipe.metrics.measure import torch_logits
 from kdpipe.models.io import load_model, read_model_file
 from kdpipe.modules import DistillationModule
 from kdpipe.stages.base import PipelineContext, Product, StageOutput, StageRun, run_stage
 from kdpipe.stages.finetune import finetune_module
 from kdpipe.stages.train import TRAINING_SECTIONS
+
+log = logging.getLogger("kdpipe")
 
 
 def prune_compute(run: StageRun, upstream: StageOutput, teacher: StageOutput | None) -> Product:
@@ -25,14 +31,18 @@ def prune_compute(run: StageRun, upstream: StageOutput, teacher: StageOutput | N
         val = ctx.datamodule.val_dataloader()
 
         def val_acc(m) -> float:
-            logits, target = torch_logits(m, val)
-            return float((logits.argmax(-1) == target).float().mean())
+            logits, labels = torch_logits(m, val)
+            return float((logits.argmax(-1) == labels).float().mean())
 
         log_sensitivity(prune_sensitivity(model, pcfg.pruner, ctx.example_input, val_acc,
                                           list(ctx.cfg.compress.sensitivity_sparsities),
                                           ctx.datamodule.train_dataloader()), "prune")
+    ccfg = ctx.cfg.compress
+    aimed = {}  # a target replaces prune.sparsity with the sparsity that meets it
+    if ccfg.get("target_latency_ms") is not None or ccfg.get("target_size_bytes") is not None:
+        aimed["sparsity"] = sparsity_for_target(ctx, model)
     pruner = build(pcfg.pruner, "prune.pruner", model=model, example_inputs=ctx.example_input)
-    schedule = build(pcfg.schedule, "prune.schedule")
+    schedule = build(pcfg.schedule, "prune.schedule", **aimed)
 
     source = upstream if str(ft.get("distill_from", "teacher")) == "input" else teacher
 
@@ -51,8 +61,54 @@ def prune_compute(run: StageRun, upstream: StageOutput, teacher: StageOutput | N
     return Product(files.model, metrics=metrics, artifacts=[files.table])
 
 
+def sparsity_for_target(ctx: PipelineContext, model) -> float:
+    """The lowest sparsity whose one-cut candidate meets `compress.target_latency_ms` /
+    `target_size_bytes` (less `target_margin`) in the form that ships; logged as `target/*`."""
+    ccfg, ecfg = ctx.cfg.compress, ctx.cfg.eval
+    latency, size = ccfg.get("target_latency_ms"), ccfg.get("target_size_bytes")
+    keep = 1.0 - float(ccfg.get("target_margin", 0.0))
+    mode = str(ctx.cfg.quantize.get("mode", "none"))
+    quantize = None
+    if mode in ("static", "qat", "dynamic"):
+        batches, _ = [], 0
+
+        def quantize(fp32, out):
+            if mode == "dynamic":
+                return quantize_dynamic_int8(fp32, out)
+            if not batches:
+                batches.extend(read_calibration(ctx.datamodule.train_dataloader(), fp32, 2, 0)[0])
+            path = quantize_static_int8(fp32, out, None, 0, batches=batches)[0]
+            return slim_onnx(path)
+
+    def meets(c) -> bool:
+        return ((latency is None or c.latency_ms <= keep * float(latency))
+                and (size is None or c.size_bytes <= keep * float(size)))
+
+    def at(s: float):
+        return target.measure(model, ctx.cfg.prune.pruner, s, ctx.example_input, quantize,
+                              int(ecfg.latency_warmup), int(ecfg.latency_iters), 1, 1)
+
+    try:
+        chosen, tried = target.search_sparsity(at, meets, float(ccfg.get("max_sparsity", 0.9)))
+    except target.TargetNotReachable as exc:
+        wanted = " and ".join(f"{k}={v}" for k, v in (("compress.target_latency_ms", latency),
+                                                       ("compress.target_size_bytes", size)) if v is not None)
+        raise ConfigError(f"{wanted} cannot be met by pruning: {exc}; raise the target or "
+                          f"compress.max_sparsity") from None
+    warning = target.warn_if_flops_fall_but_latency_does_not(tried[0], chosen)
+    mlflow.log_metric("target/chosen_sparsity", chosen.sparsity)
+    mlflow.set_tag("kdpipe.target", f"sparsity {chosen.sparsity:.3f}: {chosen.latency_ms:.4f} ms, "
+                                    f"{chosen.size_bytes} bytes" + (f"; {warning}" if warning else ""))
+    log.info("target: pruning to sparsity %.3f (%.4f ms, %d bytes before fine-tuning)", chosen.sparsity,
+             chosen.latency_ms, chosen.size_bytes)
+    return chosen.sparsity
+
+
 def run_prune(ctx: PipelineContext, upstream: StageOutput, teacher: StageOutput | None) -> StageOutput:
     """Prune the model of `upstream`; fine-tuning distils from `teacher`, or from the uncompressed
     `upstream` itself (`prune.finetune.distill_from=input`), when configured."""
-    return run_stage(ctx, "prune", ["prune", "compress", "distill", *TRAINING_SECTIONS], [upstream],
+    ccfg = ctx.cfg.compress  # a target is measured with eval's latency settings and the quantize mode
+    timed = ["eval", "quantize"] if ccfg.get("target_latency_ms") is not None \
+        or ccfg.get("target_size_bytes") is not None else []
+    return run_stage(ctx, "prune", ["prune", "compress", "distill", *timed, *TRAINING_SECTIONS], [upstream],
                      lambda run: prune_compute(run, upstream, teacher))
