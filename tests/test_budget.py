@@ -4,6 +4,8 @@ quantization of a real trained model throughout."""
 
 from __future__ import annotations
 
+import copy
+
 import mlflow
 import onnx
 import pytest
@@ -24,6 +26,7 @@ from kdpipe.compress.budget import (
     prune_sensitivity,
     quantizable_nodes,
 )
+from kdpipe.compress.prune import MagnitudePruner
 from kdpipe.compress.quantize import CompressionWarning, quantize_static_int8, read_calibration
 from kdpipe.compress.slim import slim_onnx
 from kdpipe.config import validate
@@ -138,6 +141,7 @@ def test_the_quantize_stage_meets_a_budget_and_logs_sensitivity_and_decisions(st
     assert res.returncode == 0, res.stderr[-2000:]
     prune = next(r for r in stage_runs() if r.data.tags.get("kdpipe.stage") == "prune")
     assert prune.data.tags["kdpipe.finetune_from"] == "input"
+    assert prune.data.tags["kdpipe.budget_met"] == "true", "the budget holds for the prune stage too"
     quant = next(r for r in stage_runs() if r.data.tags.get("kdpipe.stage") == "quantize")
     assert quant.data.tags["kdpipe.budget_met"] == "true" and quant.data.tags["kdpipe.budget_kept"] == "-"
     client = MlflowClient()
@@ -212,3 +216,14 @@ def test_a_size_target_prunes_channels_until_the_shipped_int8_file_fits(store, t
     assert quant.data.metrics["model/size_bytes"] <= 9000, "the shipped int8 file meets the target"
     res = run_cli([*args, "compress.target_size_bytes=10"], tmp_path)
     assert res.returncode != 0 and "compress.target_size_bytes=10 cannot be met by pruning" in res.stderr
+
+
+def test_a_pruner_told_to_ignore_a_layer_leaves_it_whole(fragile):
+    model = copy.deepcopy(fragile[0])
+    pruner = MagnitudePruner(model, scope="global", ignore=["2"])
+    pruner.step(0.5)
+    pruner.finalize()
+    assert float((model[2].weight == 0).float().mean()) == 0
+    assert float((model[0].weight == 0).float().mean()) > 0.3
+    with pytest.raises(ConfigError, match=r"prune.pruner.ignore names no layer \['9'\]"):
+        MagnitudePruner(model, ignore=["9"])

@@ -325,7 +325,7 @@ def test_one_shot_cut_above_half_warns_and_suggests_iterative():
     (["compress.max_acc_drop=-1"], r"compress.max_acc_drop=-1: give the points .* a number >= 0"),
     (["compress.max_acc_drop=one"], r"compress.max_acc_drop=one: give the points"),
     (["compress.reference=best"], "compress.reference=best is not known; use input"),
-    (["compress.max_acc_drop=1", "quantize=none"], "acts on int8 in the quantize stage, and quantize=none"),
+    (["compress.max_acc_drop=1", "quantize=none", "prune=none"], "this pipeline has neither"),
     (["compress.sensitivity=true", "quantize=none", "prune=none"], "this pipeline has neither"),
     (["compress.sensitivity=true", "compress.sensitivity_sparsities=[0.5,1.5]"],
      r"compress.sensitivity_sparsities=1.5 must lie in \[0, 1\)"),

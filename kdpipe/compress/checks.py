@@ -144,10 +144,11 @@ def check_budget(cfg: DictConfig) -> None:
                           "compress.reference=input")
     mode = str(cfg.quantize.get("mode", "none"))
     int8 = mode in ("static", "dynamic", "qat")
-    if budget is not None and not int8:
-        raise ConfigError(f"compress.max_acc_drop acts on int8 in the quantize stage, and quantize={mode}; "
-                          f"pick quantize=static (or dynamic, qat)")
-    if ccfg.get("sensitivity") and not int8 and cfg.prune.get("method", "none") == "none":
+    pruning = cfg.prune.get("method", "none") != "none"
+    if budget is not None and not int8 and not pruning:
+        raise ConfigError(f"compress.max_acc_drop acts on the prune stage and on int8 in the quantize stage, "
+                          f"and this pipeline has neither (prune=none, quantize={mode})")
+    if ccfg.get("sensitivity") and not int8 and not pruning:
         raise ConfigError(f"compress.sensitivity measures the prune stage and int8 quantization, and this "
                           f"pipeline has neither (prune=none, quantize={mode})")
     for s in ccfg.get("sensitivity_sparsities") or []:

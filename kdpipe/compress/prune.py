@@ -12,8 +12,10 @@ PRUNABLE = (nn.Conv2d, nn.Linear, nn.Conv1d)
 SCOPES = ("global", "layer")
 
 
-def prunable_weights(model: nn.Module) -> list[tuple[nn.Module, str]]:
-    return [(m, "weight") for m in model.modules() if isinstance(m, PRUNABLE)]
+def prunable_weights(model: nn.Module, ignore: tuple[str, ...] = ()) -> list[tuple[nn.Module, str]]:
+    """The conv/linear weights, but those of the module paths in `ignore`."""
+    return [(m, "weight") for path, m in model.named_modules()
+            if isinstance(m, PRUNABLE) and path not in ignore]
 
 
 def _masked_zeros(module: nn.Module, name: str) -> int:
@@ -21,7 +23,8 @@ def _masked_zeros(module: nn.Module, name: str) -> int:
     return 0 if mask is None else int((mask == 0).sum())
 
 
-def magnitude_prune(model: nn.Module, amount: float, scope: str = "global") -> None:
+def magnitude_prune(model: nn.Module, amount: float, scope: str = "global",
+                    ignore: tuple[str, ...] = ()) -> None:
     """Mask the conv/linear weights with the smallest |w| until exactly `amount` of them are zero
     (Han et al. 2015, "Learning both Weights and Connections", L1 magnitude criterion).
 
@@ -30,8 +33,8 @@ def magnitude_prune(model: nn.Module, amount: float, scope: str = "global") -> N
     already in place: that is what makes iterative and gradual schedules monotone. The weights
     stay reparametrised (`weight_orig * weight_mask`) so fine-tuning keeps pruned weights at
     zero, and the parameter object is the one an optimizer already holds; `make_permanent`
-    folds the masks in."""
-    params = prunable_weights(model)
+    folds the masks in. Layers in `ignore` (module paths) are left whole."""
+    params = prunable_weights(model, ignore)
     if scope == "global":
         total = sum(getattr(m, n).numel() for m, n in params)
         extra = round(amount * total) - sum(_masked_zeros(m, n) for m, n in params)
@@ -54,14 +57,19 @@ class MagnitudePruner:
     structural = False
 
     def __init__(self, model: nn.Module, example_inputs: torch.Tensor | None = None,
-                 scope: str = "global") -> None:
+                 scope: str = "global", ignore: list[str] | None = None) -> None:
         if scope not in SCOPES:
             raise ConfigError(f"prune.pruner.scope={scope} must be global (rank all layers together) "
                               "or layer")
-        self.model, self.scope = model, scope
+        modules = dict(model.named_modules())
+        unknown = [p for p in ignore or [] if p not in modules]
+        if unknown:
+            raise ConfigError(f"prune.pruner.ignore names no layer {unknown}; valid module paths: "
+                              f"{', '.join(n for n in modules if n)}")
+        self.model, self.scope, self.ignored = model, scope, tuple(ignore or ())
 
     def step(self, target: float) -> None:
-        magnitude_prune(self.model, target, self.scope)
+        magnitude_prune(self.model, target, self.scope, self.ignored)
 
     def sparsity(self) -> float:
         return sparsity(self.model)

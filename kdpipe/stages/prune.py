@@ -8,7 +8,7 @@ import logging
 import mlflow
 
 from kdpipe.compress import prune_model, target
-from kdpipe.compress.budget import log_sensitivity, prune_sensitivity
+from kdpipe.compress.budget import back_off, log_backoff, log_sensitivity, prune_sensitivity
 from kdpipe.compress.quantize import quantize_dynamic_int8, quantize_static_int8, read_calibration
 from kdpipe.compress.save import save_pruned
 from kdpipe.compress.slim import slim_onnx
@@ -23,36 +23,63 @@ from kdpipe.stages.train import TRAINING_SECTIONS
 log = logging.getLogger("kdpipe")
 
 
+def val_accuracy(ctx: PipelineContext, model) -> float:
+    logits, labels = torch_logits(model, ctx.datamodule.val_dataloader())
+    return float((logits.argmax(-1) == labels).float().mean())
+
+
 def prune_compute(run: StageRun, upstream: StageOutput, teacher: StageOutput | None) -> Product:
     ctx = run.ctx
-    pcfg, ft = ctx.cfg.prune, ctx.cfg.prune.finetune
-    model = load_model(upstream.path)
-    if ctx.cfg.compress.sensitivity:
-        val = ctx.datamodule.val_dataloader()
-
-        def val_acc(m) -> float:
-            logits, labels = torch_logits(m, val)
-            return float((logits.argmax(-1) == labels).float().mean())
-
-        log_sensitivity(prune_sensitivity(model, pcfg.pruner, ctx.example_input, val_acc,
-                                          list(ctx.cfg.compress.sensitivity_sparsities),
-                                          ctx.datamodule.train_dataloader()), "prune")
-    ccfg = ctx.cfg.compress
+    pcfg, ft, ccfg = ctx.cfg.prune, ctx.cfg.prune.finetune, ctx.cfg.compress
+    budget = ccfg.get("max_acc_drop")
+    rows = []
+    if ccfg.sensitivity or budget is not None:
+        rows = prune_sensitivity(load_model(upstream.path), pcfg.pruner, ctx.example_input,
+                                 lambda m: val_accuracy(ctx, m), list(ccfg.sensitivity_sparsities),
+                                 ctx.datamodule.train_dataloader())
+        log_sensitivity(rows, "prune")
     aimed = {}  # a target replaces prune.sparsity with the sparsity that meets it
     if ccfg.get("target_latency_ms") is not None or ccfg.get("target_size_bytes") is not None:
-        aimed["sparsity"] = sparsity_for_target(ctx, model)
-    pruner = build(pcfg.pruner, "prune.pruner", model=model, example_inputs=ctx.example_input)
-    schedule = build(pcfg.schedule, "prune.schedule", **aimed)
-
+        aimed["sparsity"] = sparsity_for_target(ctx, load_model(upstream.path))
     source = upstream if str(ft.get("distill_from", "teacher")) == "input" else teacher
+    attempts: dict[int, tuple] = {}
 
-    def finetune(callbacks, epochs: int) -> None:
-        module = finetune_module(ctx, model, source, bool(ft.distill), float(ft.lr_scale))
-        origin = str(ft.get("distill_from", "teacher"))
-        mlflow.set_tag("kdpipe.finetune_from", origin if isinstance(module, DistillationModule) else "labels")
-        run.fitter.fit(module, "finetune", epochs, callbacks, resumable=False)
+    def attempt(kept: list[str], step: int) -> float:
+        """Prune and fine-tune the model entering the stage with the layers `kept` left whole."""
+        model = load_model(upstream.path)
+        pruner = build(pcfg.pruner, "prune.pruner", model=model, example_inputs=ctx.example_input)
+        if kept:  # the configured pruner again, told to leave the kept layers alone too
+            pruner = build(pcfg.pruner, "prune.pruner", model=model, example_inputs=ctx.example_input,
+                           ignore=[*pruner.ignored, *kept])
+        schedule = build(pcfg.schedule, "prune.schedule", **aimed)
 
-    metrics = prune_model(pruner, schedule, finetune)
+        def finetune(callbacks, epochs: int) -> None:
+            module = finetune_module(ctx, model, source, bool(ft.distill), float(ft.lr_scale))
+            teacher_of = str(ft.get("distill_from", "teacher"))
+            mlflow.set_tag("kdpipe.finetune_from",
+                           teacher_of if isinstance(module, DistillationModule) else "labels")
+            run.fitter.fit(module, "finetune" if step == 0 else f"finetune{step}", epochs, callbacks,
+                           resumable=False)
+
+        attempts[step] = (model, pruner, prune_model(pruner, schedule, finetune))
+        return val_accuracy(ctx, model) if budget is not None else 0.0
+
+    if budget is None:
+        attempt([], 0)
+        chosen = 0
+    else:
+        if str(ccfg.reference) == "teacher" and teacher is not None:
+            reference, name = val_accuracy(ctx, load_model(teacher.path)), "teacher"
+        else:
+            reference, name = val_accuracy(ctx, load_model(upstream.path)), "model entering the stage"
+        worst = {}  # each layer's largest drop over the sensitivity sparsities: the back-off order
+        for r in rows:
+            worst[r["layer"]] = max(worst.get(r["layer"], float("-inf")), r["drop_points"])
+        order = sorted(worst, key=lambda layer: -worst[layer])
+        result = back_off(order, attempt, reference, float(budget))
+        log_backoff(result, name, reference, float(budget), what="pruning")
+        chosen = result.chosen
+    model, pruner, metrics = attempts[chosen]
     files = save_pruned(model, read_model_file(upstream.path)["arch"], ctx.workdir / "prune",
                         pruner.structural, str(pcfg.get("storage", "dense")), ctx.example_input)
     if files.plain is not None:
