@@ -1,4 +1,6 @@
-"""Compression ladder benchmark: fp32 student; + structured 50 %; + int8 static; + both.
+"""Compression ladder benchmark: fp32 student; + structured 50 %; + int8 static; + both; int8 under
+an accuracy budget; the formats below int8 (int4 weight-only, 4-bit k-means, binary). And, with
+`--recovery`, how much distilling recovers after pruning against plain fine-tuning.
 
 Each rung is a real kdpipe pipeline against one MLflow store (so the student is trained once
 and the structured pruning once, reused by the later rungs); accuracy, bytes and FLOPs are the
@@ -35,6 +37,17 @@ RUNGS = {
     "+ structured 50 %": ["prune=structured", "quantize=none"],
     "+ int8 static": ["prune=none", "quantize=static"],
     "+ structured 50 % + int8": ["prune=structured", "quantize=static"],
+    "+ int8 static, budget 1 point": ["prune=none", "quantize=static", "compress.max_acc_drop=1.0"],
+    "+ int4 weight-only (group 32)": ["prune=none", "quantize=int4"],
+    "+ k-means 4-bit (1 epoch)": ["prune=none", "quantize=kmeans", "quantize.bits=4"],
+    "+ binary (3 epochs)": ["prune=none", "quantize=binary"],
+}
+# Pruning then fine-tuning at equal epochs, three ways: on the labels, distilling from the teacher,
+# distilling from the unpruned student (`--recovery`).
+RECOVERY = {
+    "fine-tuned on labels": ["prune.finetune.distill=false"],
+    "recovered by KD from the teacher": ["prune.finetune.distill_from=teacher"],
+    "recovered by KD from the unpruned student": ["prune.finetune.distill_from=input"],
 }
 
 
@@ -64,6 +77,35 @@ def rung_overrides(rung: list[str], args: argparse.Namespace) -> list[str]:
     if "quantize=static" in rung:
         extra += ["quantize.calibration.num_batches=16"]
     return [*rung, *extra]
+
+
+def recovery(args: argparse.Namespace, uri: str) -> str:
+    """A teacher (cnn, width 32) distilled into the student by KD, pruned structured 60 % in one cut,
+    then `--finetune-epochs` of fine-tuning each way of RECOVERY, seeds 0-2; test accuracy mean ± std
+    of the last epoch."""
+    data = args.data or ("fashion_mnist" if fashion_mnist_available() else "digits")
+    base = [f"data={data}", "distill=kd", f"student={args.student}", "student.model.width=16",
+            f"trainer.max_epochs={args.epochs}", "trainer.enable_progress_bar=false", "quantize=none",
+            "prune=structured", "prune.sparsity=0.6", f"prune.finetune.epochs={args.finetune_epochs}",
+            "eval.latency_iters=20", "tracking.experiment=bench_recovery", f"tracking.uri={uri}"]
+    if data == "fashion_mnist" and args.limit_train:
+        base.append(f"data.limit_train={args.limit_train}")
+    rows = ["| fine-tuning after pruning | test acc % (mean ± std, 3 seeds) | vs labels (points) |",
+            "|---|---|---|"]
+    accs: dict[str, list[float]] = {}
+    with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
+        for name, extra in RECOVERY.items():
+            for seed in (0, 1, 2):
+                cfg = compose("config", overrides=[*base, *extra, f"seed={seed}", *args.override])
+                validate(cfg)
+                folder = args.out / "recovery" / f"{name.replace(' ', '_')}-{seed}"
+                accs.setdefault(name, []).append(100 * run_pipeline(cfg, folder)["test/acc"])
+    ref = statistics.mean(accs["fine-tuned on labels"])
+    for name, values in accs.items():
+        m, sd = statistics.mean(values), statistics.stdev(values)
+        rows.append(f"| {name} | {m:.2f} ± {sd:.2f} | {m - ref:+.2f} |")
+    return (f"recovery after structured 60 % pruning, {args.finetune_epochs} fine-tuning epochs each, "
+            f"{' '.join(base[:-1])}\n\n" + "\n".join(rows) + "\n")
 
 
 def shipped_onnx(run_id: str, dst: Path) -> Path:
@@ -99,6 +141,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--iters", type=int, default=300)
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_compression"))
+    parser.add_argument("--recovery", action="store_true",
+                        help="also: fine-tuning after pruning on labels vs distilling (3 seeds)")
+    parser.add_argument("--rungs", nargs="*", default=None, help="run only these rungs of the ladder (names)")
     parser.add_argument("override", nargs="*", help="extra Hydra overrides")
     args = parser.parse_args()
 
@@ -108,7 +153,9 @@ def main() -> None:
     base = base_overrides(args)
     results, onnx_paths, t0 = {}, {}, time.time()
     with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
-        for name, rung in RUNGS.items():
+        wanted = set(args.rungs or RUNGS) | {"fp32 student"}  # the reference of every ratio
+        rungs = {n: r for n, r in RUNGS.items() if n in wanted}
+        for name, rung in rungs.items():
             cfg = compose("config", overrides=[*base, *rung_overrides(rung, args), f"tracking.uri={uri}"])
             validate(cfg)
             metrics = run_pipeline(cfg, args.out / "runs" / name.replace(" ", "_").replace("%", "pc"))
@@ -137,6 +184,10 @@ def main() -> None:
     (args.out / "ladder.md").write_text(header + "\n" + table + "\n")
     (args.out / "ladder.json").write_text(json.dumps({"overrides": base, "metrics": results, "latency": lat},
                                                      indent=2))
+    if args.recovery:
+        text = recovery(args, uri)
+        print("\n" + text)
+        (args.out / "recovery.md").write_text(text)
 
 
 if __name__ == "__main__":
