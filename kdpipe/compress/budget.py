@@ -17,7 +17,6 @@ from pathlib import Path
 import mlflow
 import onnx
 import torch
-from hydra.utils import instantiate
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
@@ -85,21 +84,21 @@ def prune_sensitivity(model: nn.Module, pruner_cfg, example: torch.Tensor,
     masks that layer's smallest |w|."""
     base = val_acc(model)
     rows = []
-    structural = getattr(instantiate(pruner_cfg, _partial_=True).func, "structural", False)
-    if structural:
-        probe = build(pruner_cfg, "prune.pruner", model=copy.deepcopy(model), example_inputs=example)
-        layers, always = list(probe._widths()), list(probe.ignored)
-    else:
-        layers, always = [p for p, m in model.named_modules() if isinstance(m, PRUNABLE)], []
+    probe = build(pruner_cfg, "prune.pruner", model=copy.deepcopy(model), example_inputs=example)
+    structural = getattr(probe, "structural", False)
+    always = list(getattr(probe, "ignored", ()))  # what the configured pruner never prunes
+    layers = [p for p, m in model.named_modules()
+              if isinstance(m, PRUNABLE) and not any(p == a or p.startswith(a + ".") for a in always)]
     for layer in layers:
         for s in sparsities:
             trial = copy.deepcopy(model)
-            if structural:
+            if structural:  # the pruner itself, told to leave every other layer alone
                 others = [p for p in layers if p != layer]
                 pruner = build(pruner_cfg, "prune.pruner", model=trial, example_inputs=example,
                                ignore=[*always, *others])
-                if pruner.gradient_batches and train_batches is not None:
-                    accumulate_gradients(trial, train_batches, pruner.gradient_batches)
+                needs = getattr(pruner, "gradient_batches", 0)  # a gradient criterion (taylor) reads .grad
+                if needs and train_batches is not None:
+                    accumulate_gradients(trial, train_batches, needs)
                 pruner.step(float(s))
             else:
                 torch_prune.l1_unstructured(trial.get_submodule(layer), "weight", amount=float(s))

@@ -50,7 +50,7 @@ def prune_compute(run: StageRun, upstream: StageOutput, teacher: StageOutput | N
         pruner = build(pcfg.pruner, "prune.pruner", model=model, example_inputs=ctx.example_input)
         if kept:  # the configured pruner again, told to leave the kept layers alone too
             pruner = build(pcfg.pruner, "prune.pruner", model=model, example_inputs=ctx.example_input,
-                           ignore=[*pruner.ignored, *kept])
+                           ignore=[*getattr(pruner, "ignored", ()), *kept])
         schedule = build(pcfg.schedule, "prune.schedule", **aimed)
 
         def finetune(callbacks, epochs: int) -> None:
