@@ -15,12 +15,24 @@ Phases (a phase skips the commands whose runs an earlier invocation finished):
   student loads it with `teacher.checkpoint`, so its logits are computed once per training set;
 - `search`: for each scheme, `kdpipe -m hparams_search=<scheme>` on the 1/50 student, seed 0
   (conf/hparams_search/<scheme>.yaml: the keys and their ranges), `val/acc` maximised;
-- `final`: each student size x scheme x seeds 0-2 at the searched values;
+- `final`: each student size x scheme x seeds 0-2 at the searched values (`--unsearched <scheme>`:
+  at its shipped default instead); `--epochs 20` runs a longer schedule as its own experiments;
 - `scarce`: `data.labeled_fraction` 0.01 and 0.1: scratch on the labeled images (its epochs chosen
   on val/acc from a grid, at most the distilled student's optimiser steps) against KD on every image
   (its setting chosen on val/acc between the full-data search's and the shipped default);
-- `temperature`: `experiment=temperature_sweep` with KD's searched alpha, seeds 0-2;
+- `temperature`: `experiment=temperature_sweep` (KD at alpha 0.9, T from 0.5 to 16) on the
+  `--temperature-size` student (1/10), seeds 0-2;
 - `report`: `<workdir>/report.md`, `curves.png` (val/acc per epoch), `temperature.png`.
+
+The study of docs/distillation.md, as it was run:
+
+    python scripts/bench_distill.py --workdir W --phases teacher search final scarce
+    python scripts/bench_distill.py --workdir W --phases final --sizes 1/10 --schemes dist dkd ls_kd crd \
+        --unsearched dist dkd crd
+    python scripts/bench_distill.py --workdir W --phases temperature
+    python scripts/bench_distill.py --workdir W --phases final --sizes 1/10 --schemes none kd \
+        --epochs 20 --seeds 0
+    python scripts/bench_distill.py --workdir W --phases report --unsearched dist dkd crd
 
 Jobs run with one torch thread each (`OMP_NUM_THREADS=1`), `--jobs` of them at once.
 """
