@@ -15,14 +15,19 @@ from omegaconf import DictConfig, OmegaConf
 from kdpipe.compress.checks import check_compression
 from kdpipe.distill.checks import validate_distill
 from kdpipe.errors import ConfigError
+from kdpipe.exits import student_arch, with_exits
 from kdpipe.limits import check_config
 from kdpipe.preflight import accelerator_problem, teacher_checkpoint_problem
 
 
-def _check_output_size(role: str, cfg: DictConfig, in_shape: tuple[int, ...], num_classes: int) -> None:
-    arch = OmegaConf.to_container(cfg.model, resolve=True)
+def _check_output_size(role: str, arch: dict, in_shape: tuple[int, ...], num_classes: int) -> None:
     try:
-        model = instantiate(arch, _convert_="all").eval()
+        if arch.get("_target_") == "kdpipe.exits.with_exits":  # its ConfigError (a bad exit path) as raised
+            model = with_exits(**{k: v for k, v in arch.items() if k != "_target_"}).eval()
+        else:
+            model = instantiate(arch, _convert_="all").eval()
+    except ConfigError:
+        raise
     except Exception as exc:
         raise ConfigError(f"{role}.model cannot be built from {arch.get('_target_')}: {exc}") from exc
     with torch.no_grad():
@@ -53,6 +58,7 @@ def validate(cfg: DictConfig) -> None:
         problem = teacher_checkpoint_problem(teacher.get("checkpoint"))  # as the command line checks it
         if problem:
             raise ConfigError(problem)
-        _check_output_size("teacher", teacher, in_shape, num_classes)
-    _check_output_size("student", cfg.student, in_shape, num_classes)
+        arch = OmegaConf.to_container(teacher.model, resolve=True)
+        _check_output_size("teacher", arch, in_shape, num_classes)
+    _check_output_size("student", student_arch(cfg), in_shape, num_classes)
     validate_distill(cfg)

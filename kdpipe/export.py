@@ -36,19 +36,23 @@ _PLAIN = (bool, int, float, str, type(None))
 _MODULE_BOOKKEEPING = frozenset(vars(nn.Module()))
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path) -> Path:
-    """Export `model` (eval mode) with a dynamic batch dimension; returns the file path."""
+def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path,
+                output_names: tuple[str, ...] = (OUTPUT_NAME,)) -> Path:
+    """Export `model` (eval mode) with a dynamic batch dimension; returns the file path. A model
+    with several outputs (an early exit's segment: features and logits) names each."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     key = fingerprint(model, example)
+    if key is not None and output_names != (OUTPUT_NAME,):
+        key += ":" + ",".join(output_names)
     if key is not None and _copy_earlier_export(key, path):
         return path
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _cached_torchlib_registry():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            model, (example,), None, dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            model, (example,), None, dynamo=True, input_names=[INPUT_NAME], output_names=list(output_names),
             dynamic_shapes=({0: torch.export.Dim.DYNAMIC},), optimize=True, verbose=False,
         )
     program.save(str(path))

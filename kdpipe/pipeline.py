@@ -19,7 +19,7 @@ from kdpipe.models.io import load_model
 from kdpipe.report.plots import accuracy_vs_size
 from kdpipe.report.summary import print_summary
 from kdpipe.stages.base import PipelineContext, StageOutput
-from kdpipe.stages.evaluate import run_evaluate, write_tables
+from kdpipe.stages.evaluate import exits_folder, run_evaluate, write_tables
 from kdpipe.stages.prune import run_prune
 from kdpipe.stages.quantize import run_quantize
 from kdpipe.stages.train import fetch_teacher_checkpoint, run_distill, run_teacher
@@ -126,6 +126,10 @@ def run_pipeline(cfg: DictConfig, workdir: Path) -> dict[str, float]:
         example = datamodule.example_input(1).numpy()
         fault_point("log-model")
         log_final_model(shipped, example)
+        package = exits_folder(ctx, shipped)
+        if package.is_dir():  # the early-exit model as it ships: kdpipe.exits.ExitRuntime.load(folder)
+            for f in sorted(package.glob("segment_*.onnx")) + [package / "policy.json"]:
+                mlflow.log_artifact(str(f), artifact_path="model_exits")
         mlflow.set_tag("kdpipe.final_stage", final["stage"])
         stop_if_terminated()  # a SIGTERM during the final logging still ends the job 143
     print_summary(rows, parent_metrics, ui_command(ctx.tracking_uri))

@@ -28,12 +28,17 @@ def output_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
     """Paths of the layers whose outputs are the logits (the classifier): never pruned, or the
     model would predict fewer classes."""
     was_training = model.training
-    with torch.no_grad():
-        n_out = model.eval()(example[:1]).shape[-1]
-    model.train(was_training)
-    linears = [(p, m) for p, m in model.named_modules()
-               if isinstance(m, nn.Linear) and m.out_features == n_out]
-    return [linears[-1][0]] if linears else []
+    outputs: dict[str, torch.Tensor] = {}
+    handles = [m.register_forward_hook(lambda _m, _i, o, p=p: outputs.__setitem__(p, o))
+               for p, m in model.named_modules() if isinstance(m, nn.Linear)]
+    try:
+        with torch.no_grad():
+            logits = model.eval()(example[:1])
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return [p for p, o in outputs.items() if o is logits]  # the layer whose output is returned
 
 
 def accumulate_gradients(model: nn.Module, batches: Iterable, num_batches: int) -> None:
@@ -73,6 +78,11 @@ class StructuredPruner:
         was_training = model.training  # tracing the graph leaves the model in eval mode
         modules = dict(model.named_modules())
         paths = list(ignore) if ignore else output_layers(model, example_inputs)
+        # an early-exit network: every head's input follows the channels of its block, and every
+        # head's last layer outputs class scores, so the graph is traced through all of them
+        forward_all = getattr(model, "forward_all", None)
+        if forward_all is not None:
+            paths += [f"exits.{i}.{len(head) - 1}" for i, head in enumerate(model.exits)]
         unknown = [p for p in paths if p not in modules]
         if unknown:
             raise ConfigError(f"prune.pruner.ignore names no layer {unknown}; valid module paths: "
@@ -82,7 +92,8 @@ class StructuredPruner:
         self._pruner = tp.pruner.MetaPruner(
             model, example_inputs[:1], importance=importance, global_pruning=global_pruning,
             pruning_ratio=0.0, iterative_steps=1, ignored_layers=[modules[p] for p in paths],
-            round_to=int(round_to) if round_to else None)
+            round_to=int(round_to) if round_to else None,
+            forward_fn=(lambda m, x: m.forward_all(x)) if forward_all is not None else None)
         model.train(was_training)
         self._initial = self._widths()
 

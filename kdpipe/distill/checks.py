@@ -9,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 from kdpipe.data.augment import build_augmentation
 from kdpipe.distill.schemes import DistillJob
 from kdpipe.errors import ConfigError, build
+from kdpipe.exits import student_arch
 from kdpipe.losses import WeightedSum
 from kdpipe.models.io import build_model
 
@@ -37,6 +38,6 @@ def validate_distill(cfg: DictConfig) -> None:
         WeightedSum.from_config(dcfg.terms)  # every term builds: bad keys and values fail here
     check = getattr(scheme, "check", None)
     if check is not None:
-        student_arch = OmegaConf.to_container(cfg.student.model, resolve=True)
-        job = DistillJob(dcfg, student_arch, int(data.num_classes), torch.zeros(2, *in_shape), augment)
-        check(job, _model(cfg.student), _model(cfg.teacher) if needs_teacher else None)
+        arch = student_arch(cfg)
+        job = DistillJob(dcfg, arch, int(data.num_classes), torch.zeros(2, *in_shape), augment)
+        check(job, build_model(arch), _model(cfg.teacher) if needs_teacher else None)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from kdpipe.exits.model import exit_terms
 from kdpipe.losses.base import label_cross_entropy
 from kdpipe.training import Optim
 
@@ -47,7 +48,9 @@ class ClassifierModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
+        self._exit_teacher = None
         terms = self.training_loss(x, y)
+        terms.update(exit_terms(self, y, self._exit_teacher))  # a student with early exits: their heads
         loss = sum(terms.values())
         if not torch.isfinite(loss):
             bad = [k for k, v in terms.items() if not torch.isfinite(v)] or ["total"]

@@ -74,6 +74,7 @@ class DistillationModule(ClassifierModule):
             with torch.no_grad():
                 teacher_logits = self.teacher(x)
         student_logits = self.model(x)
+        self._exit_teacher = teacher_logits  # early exits of the student may learn from it too
         out = DistillOutputs(student_logits, teacher_logits, y, self.student_hooks.pop(),
                              self.teacher_hooks.pop())
         return self.loss(out)

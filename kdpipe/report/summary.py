@@ -30,6 +30,15 @@ def print_summary(rows: list[dict], parent: dict[str, float], ui_command: str,
             f"{parent['compression/speedup']:.2f}x faster, "
             f"accuracy drop {parent['compression/acc_drop']:.2f} points"
         )
+    final = rows[-1]
+    if "exits/test_acc" in final:
+        early = 1.0 - final["exits/share_final"]
+        console.print(
+            f"early exits ({final['stage']}): {100 * early:.0f}% of test inputs leave early, "
+            f"{final['exits/speedup']:.2f}x faster per sample at batch 1 "
+            f"({final['exits/latency_ms']:.3f} vs {final['exits/full_latency_ms']:.3f} ms), "
+            f"test acc {100 * final['exits/test_acc']:.2f}% vs {100 * final['exits/full_test_acc']:.2f}% "
+            f"at full depth")
     for note in pitfall_notes(rows):
         console.print(f"[yellow]note:[/yellow] {note}")
     console.print(f"open the MLflow UI on this store: [bold]{ui_command}[/bold]")

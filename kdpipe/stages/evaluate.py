@@ -14,6 +14,8 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from torchmetrics.functional.classification import multiclass_calibration_error
 
+from kdpipe.exits.evaluate import measure_exits
+from kdpipe.exits.model import EarlyExitNet
 from kdpipe.export import export_onnx
 from kdpipe.faults import stop_if_terminated
 from kdpipe.metrics.measure import flops_per_sample, onnx_latency_ms, onnx_logits, torch_logits
@@ -51,6 +53,11 @@ def measure(ctx: PipelineContext, out: StageOutput) -> dict[str, float]:
     lat = onnx_latency_ms(onnx_path, example, warmup=int(ecfg.latency_warmup), iters=int(ecfg.latency_iters))
     thr = onnx_latency_ms(onnx_path, example, warmup=3, iters=max(5, int(ecfg.latency_iters) // 10),
                           batch_size=int(ecfg.throughput_batch_size), threads=1)
+    exits = {}
+    if isinstance(torch_model, EarlyExitNet):  # measured again as it ships: stopping early
+        quantize = ctx.section("quantize") if out.kind == "onnx" else None
+        exits = measure_exits(torch_model, onnx_path, dm, example, exits_folder(ctx, out),
+                              ctx.section("exits"), quantize)
     return {
         **accuracy,
         "model/params": float(params),
@@ -60,19 +67,25 @@ def measure(ctx: PipelineContext, out: StageOutput) -> dict[str, float]:
         "latency/p50_ms": lat["p50_ms"],
         "latency/p90_ms": lat["p90_ms"],
         "throughput/samples_per_s": thr["throughput"],
+        **exits,
     }
+
+
+def exits_folder(ctx: PipelineContext, out: StageOutput) -> Path:
+    """Where an early-exit model's segments, policy and trade-off plot are written."""
+    return ctx.workdir / "evaluate" / f"{out.stage}_exits"
 
 
 def write_tables(rows: list[dict], folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
-    columns = list(rows[0].keys())
+    columns = list(dict.fromkeys(k for row in rows for k in row))  # a model with exits has more
     csv_path = folder / "models.csv"
     with csv_path.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
     md_path = folder / "models.md"
-    md_path.write_text(markdown_table(columns, [[fmt(row[c]) for c in columns] for row in rows]))
+    md_path.write_text(markdown_table(columns, [[fmt(row.get(c, "")) for c in columns] for row in rows]))
     json_path = folder / "models.json"
     json_path.write_text(json.dumps(rows, indent=2))
     return [csv_path, md_path, json_path]
@@ -91,6 +104,8 @@ def evaluate_compute(ctx: PipelineContext, models: list[StageOutput]) -> list[di
         client.log_batch(out.run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()
                                               if not (k.startswith("val/") and k in has)])
         client.set_tag(out.run_id, "kdpipe.latency_runtime", LATENCY_RUNTIME)
+        if any(k.startswith("exits/") for k in metrics):
+            client.log_artifacts(out.run_id, str(exits_folder(ctx, out)), "exits")
         rows.append({"stage": out.stage, "kind": out.kind, "run_id": out.run_id, **metrics})
     return rows
 

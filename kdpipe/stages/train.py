@@ -11,6 +11,7 @@ from torch import nn
 
 from kdpipe.distill.schemes import DistillJob
 from kdpipe.errors import ConfigError
+from kdpipe.exits import student_arch
 from kdpipe.models.io import build_model, load_model, load_state_dict_any, save_model
 from kdpipe.modules import ClassifierModule
 from kdpipe.preflight import sqlite_path, torch_file_problem
@@ -99,7 +100,7 @@ def run_distill(ctx: PipelineContext, teacher: StageOutput | None) -> StageOutpu
         raise ValueError(f"{type(scheme).__name__} distils from the teacher stage, but teacher is none")
 
     def compute(run: StageRun) -> Product:
-        job = DistillJob(ctx.cfg.distill, ctx.section("student")["model"], ctx.num_classes, ctx.example_input,
+        job = DistillJob(ctx.cfg.distill, student_arch(ctx.cfg), ctx.num_classes, ctx.example_input,
                          ctx.augment, run.fitter, ctx.datamodule, ctx.workdir, ctx.optim())
         if uses_teacher:
             job.teacher = load_model(teacher.path)
@@ -108,4 +109,5 @@ def run_distill(ctx: PipelineContext, teacher: StageOutput | None) -> StageOutpu
         return Product(save_model(student, job.student_arch, ctx.workdir / "distill" / "model.pt"))
 
     upstream = [teacher] if uses_teacher else []
-    return run_stage(ctx, "distill", ["distill", "student", *TRAINING_SECTIONS], upstream, compute)
+    exits = ["exits"] if ctx.cfg.student.get("exits") else []  # how the heads train
+    return run_stage(ctx, "distill", ["distill", "student", *exits, *TRAINING_SECTIONS], upstream, compute)

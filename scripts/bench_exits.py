@@ -1,0 +1,150 @@
+"""The early-exit benchmark of docs/early_exits.md: a Fashion-MNIST student with two exits, trained
+by the distill stage (scratch: labels, and each exit from the network's own final head), calibrated
+on the validation split for `exits.max_acc_drop` points, and measured by the evaluate stage as it
+ships (fp32 segments and int8 segments, batch 1, ONNX Runtime on one thread), against the same
+network run to the end, in the same process. 3 seeds, mean ± std.
+
+    python scripts/bench_exits.py                        # train (2 jobs at a time) and report
+    python scripts/bench_exits.py --phases report        # the table and plots from the store
+
+Every run is a `kdpipe` command, printed before it starts, against `<workdir>/mlflow.db`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import mlflow  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+EXPERIMENT = "bench_exits"
+
+
+def command(args: argparse.Namespace, seed: int) -> list[str]:
+    return ["data=fashion_mnist", "teacher=none", "distill=none", "student=cnn",
+            f"student.model.width={args.width}", f"student.model.depth={args.depth}",
+            f"student.exits=[{','.join(args.exits)}]", f"exits.max_acc_drop={args.budget}",
+            f"trainer.max_epochs={args.epochs}", "prune=none", "quantize=static", f"seed={seed}",
+            "trainer.enable_progress_bar=false", f"exits.latency_samples={args.latency_samples}",
+            f"tracking.experiment={EXPERIMENT}", f"hydra.run.dir={args.workdir / f'seed{seed}'}",
+            *args.override]
+
+
+def run(args: argparse.Namespace) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{args.workdir / 'mlflow.db'}",
+           "KDPIPE_CHECKPOINT_DIR": str(args.workdir / "checkpoints")}
+
+    def one(seed: int) -> int:
+        cmd = command(args, seed)
+        print(f"[{time.strftime('%H:%M:%S')}] seed {seed}: kdpipe {' '.join(shlex.quote(c) for c in cmd)}",
+              flush=True)
+        with (args.workdir / f"seed{seed}.log").open("w") as out:
+            rc = subprocess.run([sys.executable, "-m", "kdpipe", *cmd], cwd=args.workdir, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, check=False).returncode
+        print(f"[{time.strftime('%H:%M:%S')}] seed {seed}: exit {rc}", flush=True)
+        return rc
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        codes = list(pool.map(one, args.seeds))
+    if any(codes):
+        sys.exit(f"failed seeds: {[s for s, c in zip(args.seeds, codes, strict=True) if c]}")
+
+
+def ms(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
+    v = [scale * x for x in values]
+    sd = statistics.stdev(v) if len(v) > 1 else 0.0
+    return f"{statistics.mean(v):.{digits}f} ± {sd:.{digits}f}"
+
+
+def report(args: argparse.Namespace) -> None:
+    mlflow.set_tracking_uri(f"sqlite:///{args.workdir / 'mlflow.db'}")
+    client = MlflowClient()
+    runs = mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list",
+                              filter_string="attributes.status = 'FINISHED'")
+    rows, curves = [], {}
+    for stage, label in (("distill", "fp32"), ("quantize", "int8 (static, per segment)")):
+        done = [r for r in runs
+                if r.data.tags.get("kdpipe.stage") == stage and "exits/speedup" in r.data.metrics]
+        if not done:
+            continue
+        m = [r.data.metrics for r in done]
+        col = {k: [x[k] for x in m] for k in m[0] if k.startswith(("exits/", "test/"))}
+        drop = [a - b for a, b in zip(col["exits/full_test_acc"], col["exits/test_acc"], strict=True)]
+        flops = [a / b for a, b in zip(col["exits/full_flops"], col["exits/flops"], strict=True)]
+        shares = " / ".join(ms(col[f"exits/share_{k}"], 100, 1) for k in ("0", "1", "final"))
+        rows.append(f"| {label} | {ms(col['exits/full_test_acc'], 100)} | {ms(col['exits/test_acc'], 100)} | "
+                    f"{ms(drop, 100)} | {shares} | {ms(flops)}x | "
+                    f"{ms(col['exits/full_latency_ms'], 1, 3)} | {ms(col['exits/latency_ms'], 1, 3)} | "
+                    f"**{ms(col['exits/speedup'])}x** (n={len(done)}) |")
+        if stage == "distill":
+            for r in done:
+                hist = client.get_metric_history(r.info.run_id, "val/acc")
+                curves[r.data.tags.get("mlflow.runName", r.info.run_id)] = [h.value for h in
+                                                                           sorted(hist, key=lambda h: h.step)]
+    header = ("| segments | full-depth test acc % | with exits test acc % | drop (points) "
+              "| leave at exit 0 / exit 1 / end % | FLOPs saved | full ms/sample | exits ms/sample "
+              "| speed-up |\n"
+              "|---|---|---|---|---|---|---|---|---|")
+    text = header + "\n" + "\n".join(rows) + "\n"
+    (args.workdir / "report.md").write_text(text)
+    print(text)
+    if curves:
+        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+        for i, (_name, acc) in enumerate(sorted(curves.items())):
+            ax.plot(range(1, len(acc) + 1), [100 * a for a in acc], marker=".", label=f"seed run {i}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("validation accuracy (%), full depth")
+        ax.set_title("early-exit student: validation accuracy per epoch")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(args.workdir / "curves.png")
+        plt.close(fig)
+    seed0 = next((r for r in runs if r.data.tags.get("kdpipe.stage") == "quantize"
+                  and "exits/speedup" in r.data.metrics), None)
+    if seed0 is not None:
+        local = mlflow.artifacts.download_artifacts(run_id=seed0.info.run_id,
+                                                    artifact_path="exits/tradeoff.png",
+                                                    dst_path=str(args.workdir / "dl"))
+        shutil.copy(local, args.workdir / "tradeoff.png")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", type=Path, default=REPO / "outputs" / "bench_exits")
+    ap.add_argument("--phases", nargs="+", choices=["run", "report"], default=["run", "report"])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--depth", type=int, default=4)
+    ap.add_argument("--exits", nargs="+", default=["features.1", "features.2"])
+    ap.add_argument("--budget", type=float, default=0.5, help="exits.max_acc_drop, points")
+    ap.add_argument("--latency-samples", type=int, default=1000)
+    ap.add_argument("--override", nargs="*", default=[], help="more kdpipe overrides")
+    args = ap.parse_args()
+    args.workdir = args.workdir.resolve()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    if "run" in args.phases:
+        run(args)
+    if "report" in args.phases:
+        report(args)
+
+
+if __name__ == "__main__":
+    main()
