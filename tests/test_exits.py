@@ -203,3 +203,15 @@ def test_a_pipeline_with_exits_and_static_int8_ships_a_runtime_that_stops_early(
         correct += int((logits.argmax(-1) == y.numpy()).sum())
         total += len(y)
     assert correct / total == pytest.approx(m["exits/test_acc"], abs=1e-9)
+
+
+def test_a_new_budget_recalibrates_without_retraining_and_new_head_weights_retrain(store, tmp_path):
+    base = [*FAST, EXITS, "prune=none", "quantize=none", "exits.latency_samples=20"]
+    for extra in ([], ["exits.max_acc_drop=5", "exits.criterion=entropy"], ["exits.loss.self=0.5"]):
+        res = run_cli([*base, *extra], tmp_path)
+        assert res.returncode == 0, res.stderr[-2000:]
+    distills = sorted((r for r in stage_runs() if r.data.tags.get("kdpipe.stage") == "distill"),
+                      key=lambda r: r.info.start_time)
+    assert "kdpipe.reused_from" not in distills[0].data.tags
+    assert distills[1].data.tags["kdpipe.reused_from"] == distills[0].info.run_id  # evaluate's keys only
+    assert "kdpipe.reused_from" not in distills[2].data.tags  # the heads train differently

@@ -109,5 +109,8 @@ def run_distill(ctx: PipelineContext, teacher: StageOutput | None) -> StageOutpu
         return Product(save_model(student, job.student_arch, ctx.workdir / "distill" / "model.pt"))
 
     upstream = [teacher] if uses_teacher else []
-    exits = ["exits"] if ctx.cfg.student.get("exits") else []  # how the heads train
-    return run_stage(ctx, "distill", ["distill", "student", *exits, *TRAINING_SECTIONS], upstream, compute)
+    # how the heads train is part of the student; when inputs leave (criterion, budget) is evaluate's
+    arch = student_arch(ctx.cfg)
+    heads = {k: arch[k] for k in ("head_width", "loss")} if "exits" in arch else None
+    return run_stage(ctx, "distill", ["distill", "student", *TRAINING_SECTIONS], upstream, compute,
+                     extra_key=heads)
