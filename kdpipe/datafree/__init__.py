@@ -1,0 +1,120 @@
+"""Data-free distillation (docs/data_free.md): the student learns from inputs synthesised from
+the teacher, never from a real training image."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import mlflow
+import torch
+from mlflow.tracking import MlflowClient
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from kdpipe import limits
+from kdpipe.datafree.deepinversion import BatchNormStatistics, synthesize
+from kdpipe.distill.cache import compute_logits
+from kdpipe.losses.base import find_module
+from kdpipe.tracking.store import stage_lock
+
+log = logging.getLogger("kdpipe")
+
+ARTIFACT_DIR = "synthetic"
+
+__all__ = ["DeepInversion", "synthesize"]
+
+
+class DeepInversion:
+    """The student distilled, through `distill.terms`, on a transfer set synthesised from the teacher
+    by DeepInversion (`kdpipe.datafree.deepinversion`): `num_images` inputs with balanced target
+    classes, each batch optimised `steps` steps. The set is stored with the teacher's run, keyed by
+    the teacher and these settings, so every student of a sweep reuses it; a grid of it per class is
+    logged on the distill run (`synthetic/grid.png`). The validation and test splits stay real: they
+    measure the student, and train nothing."""
+
+    needs_teacher = True
+
+    def __init__(self, num_images: int = 4096, batch_size: int = 256, steps: int = 500, lr: float = 0.1,
+                 bn: float = 10.0, ce: float = 1.0, tv: float = 1e-3, l2: float = 0.0, jitter: int = 2,
+                 flip: bool = False) -> None:
+        name = "distill.scheme"
+        self.num_images = limits.positive_int(num_images, f"{name}.num_images", "e.g. 4096")
+        self.batch_size = limits.positive_int(batch_size, f"{name}.batch_size", "e.g. 256")
+        self.steps = limits.positive_int(steps, f"{name}.steps", "e.g. 500")
+        self.options = {"steps": self.steps,
+                        "lr": limits.positive(lr, f"{name}.lr", "Adam's step on the inputs"),
+                        "bn": limits.weight(bn, f"{name}.bn"), "ce": limits.weight(ce, f"{name}.ce"),
+                        "tv": limits.weight(tv, f"{name}.tv"), "l2": limits.weight(l2, f"{name}.l2"),
+                        "jitter": limits.whole_number(jitter, f"{name}.jitter", "pixels, e.g. 2"),
+                        "flip": bool(flip)}
+
+    def check(self, job, student: nn.Module, teacher: nn.Module) -> None:
+        BatchNormStatistics(teacher).remove()  # a teacher without batch norm: the clear error, now
+        loss = job.loss()
+        for path in loss.student_layers:
+            find_module(student, path, "student")
+        for path in loss.teacher_layers:
+            find_module(teacher, path, "teacher")
+
+    def key(self, job) -> str:
+        spec = {"teacher": job.teacher_key, "n": self.num_images, "batch": self.batch_size,
+                "seed": torch.initial_seed(), "shape": list(job.example_input.shape[1:]),
+                "classes": job.num_classes, **self.options}
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+    def transfer_set(self, job) -> tuple[torch.Tensor, torch.Tensor]:
+        """The synthesised (images, targets): from the teacher run's artefacts, else made and stored."""
+        name, source = f"{self.key(job)}.pt", job.teacher_run_id
+        client = MlflowClient()
+        with stage_lock(f"{job.teacher_key}/{ARTIFACT_DIR}/{name}"):
+            if name in {Path(f.path).name for f in client.list_artifacts(source, ARTIFACT_DIR)}:
+                local = mlflow.artifacts.download_artifacts(run_id=source,
+                                                            artifact_path=f"{ARTIFACT_DIR}/{name}",
+                                                            dst_path=str(job.workdir / ARTIFACT_DIR))
+                data = torch.load(local, map_location="cpu", weights_only=True)
+                mlflow.set_tag("kdpipe.synthetic", f"reused:{source}")
+                log.info("distill: synthetic transfer set reused from run %s", source)
+                return data["images"], data["targets"]
+            images, targets = self._synthesize(job)
+            path = job.workdir / ARTIFACT_DIR / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"images": images, "targets": targets}, path)
+            client.log_artifact(source, str(path), ARTIFACT_DIR)
+            mlflow.set_tag("kdpipe.synthetic", "computed")
+            return images, targets
+
+    def _synthesize(self, job) -> tuple[torch.Tensor, torch.Tensor]:
+        batches = -(-self.num_images // self.batch_size)
+        t0 = time.time()
+
+        def on_batch(b: int, n: int) -> None:
+            left = (time.time() - t0) / (b + 1) * (batches - b - 1)
+            log.info("distill: synthesised batch %d/%d (%d inputs), about %.0f s left",
+                     b + 1, batches, n, left)
+
+        def on_step(b: int, step: int, losses: dict[str, float]) -> None:
+            if b == 0 and (step % 10 == 0 or step == self.steps - 1):  # the first batch's curves
+                mlflow.log_metrics({f"synthesis/loss_{k}": v for k, v in losses.items()}, step=step)
+
+        return synthesize(job.teacher, self.num_images, tuple(job.example_input.shape[1:]), job.num_classes,
+                          self.batch_size, torch.initial_seed(), on_batch, on_step, **self.options)
+
+    def train(self, job) -> nn.Module:
+        from kdpipe.datafree.grid import class_grid
+
+        images, targets = self.transfer_set(job)
+        grid = class_grid(images, targets, job.num_classes, job.workdir / ARTIFACT_DIR / "grid.png")
+        mlflow.log_artifact(str(grid), artifact_path=ARTIFACT_DIR)
+        loss = job.loss()
+        columns = (images, targets)
+        if not loss.teacher_layers:  # logits alone: the teacher runs once over the set, not every epoch
+            columns = (*columns, compute_logits(job.teacher, TensorDataset(images)))
+        loader = job.datamodule._loader(TensorDataset(*columns), shuffle=True)
+        student = job.build_student()
+        job.fitter.fit(job.distiller(student, job.teacher, loss), "student", job.max_epochs,
+                       train_loader=loader)
+        return student

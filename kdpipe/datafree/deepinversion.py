@@ -1,0 +1,114 @@
+"""DeepInversion (Yin, Molchanov, Alvarez, Li, Mallya, Hoiem, Jha & Kautz 2020, "Dreaming to
+Distill", eq. 2-4): inputs synthesised from a trained teacher alone. A batch of noise is optimised
+so that, at every batch-norm layer, the batch's feature mean and variance match the layer's running
+statistics (what the teacher saw in training), the teacher assigns each input its target class
+(cross-entropy), and the inputs stay smooth (total variation) and bounded (L2). Random jitter and
+flips each step keep the result from over-fitting one alignment.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdpipe.errors import ConfigError
+
+log = logging.getLogger("kdpipe")
+
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+class BatchNormStatistics:
+    """Forward hooks on every batch-norm layer of `model`: after a forward pass, `loss()` is
+    sum over layers of ||mean(x) - running_mean||_2 + ||var(x) - running_var||_2, the statistics of
+    each layer's input over the batch (and space)."""
+
+    def __init__(self, model: nn.Module, role: str = "teacher") -> None:
+        self.layers = [m for m in model.modules() if isinstance(m, _BN) and m.running_mean is not None]
+        if not self.layers:
+            raise ConfigError(f"DeepInversion matches the {role}'s batch-norm statistics, and the {role} "
+                              f"({type(model).__name__}) has no BatchNorm layer with running statistics; use "
+                              f"distill=data_free, whose generator is trained against the student and needs "
+                              f"none")
+        self.terms: list[torch.Tensor] = []
+        self.handles = [m.register_forward_hook(self._hook) for m in self.layers]
+
+    def _hook(self, module: nn.Module, inputs, _output) -> None:
+        x = inputs[0]
+        dims = [0, *range(2, x.dim())]
+        mean, var = x.mean(dims), x.var(dims, unbiased=False)
+        self.terms.append(torch.linalg.vector_norm(mean - module.running_mean)
+                          + torch.linalg.vector_norm(var - module.running_var))
+
+    def loss(self) -> torch.Tensor:
+        total, self.terms = sum(self.terms), []
+        return total
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def total_variation(x: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference between neighbouring pixels, across rows and across columns."""
+    return (x[..., 1:, :] - x[..., :-1, :]).pow(2).mean() + (x[..., :, 1:] - x[..., :, :-1]).pow(2).mean()
+
+
+def synthesize_batch(teacher: nn.Module, targets: torch.Tensor, in_shape: tuple[int, ...], steps: int,
+                     lr: float = 0.1, bn: float = 10.0, ce: float = 1.0, tv: float = 1e-3, l2: float = 0.0,
+                     jitter: int = 2, flip: bool = False, generator: torch.Generator | None = None,
+                     on_step: Callable[[int, dict[str, float]], None] | None = None) -> torch.Tensor:
+    """One batch of inputs, one per entry of `targets`, optimised by Adam for `steps` steps from
+    Gaussian noise (in the teacher's normalised input space). `on_step(step, losses)` sees each
+    step's terms (unweighted)."""
+    teacher = teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    stats = BatchNormStatistics(teacher)
+    x = torch.randn(len(targets), *in_shape, generator=generator).requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=lr, betas=(0.5, 0.9))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
+    try:
+        for step in range(steps):
+            view = x
+            if jitter:
+                dx, dy = torch.randint(-jitter, jitter + 1, (2,), generator=generator).tolist()
+                view = torch.roll(view, shifts=(dx, dy), dims=(-2, -1))
+            if flip and torch.rand((), generator=generator) < 0.5:
+                view = torch.flip(view, dims=(-1,))
+            logits = teacher(view)
+            terms = {"bn": stats.loss(), "ce": F.cross_entropy(logits, targets),
+                     "tv": total_variation(view), "l2": view.pow(2).mean()}
+            loss = bn * terms["bn"] + ce * terms["ce"] + tv * terms["tv"] + l2 * terms["l2"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if on_step is not None:
+                on_step(step, {k: float(v.detach()) for k, v in terms.items()})
+    finally:
+        stats.remove()
+    return x.detach()
+
+
+def synthesize(teacher: nn.Module, num_images: int, in_shape: tuple[int, ...], num_classes: int,
+               batch_size: int = 256, seed: int = 0, on_batch: Callable[[int, int], None] | None = None,
+               on_step: Callable[[int, int, dict[str, float]], None] | None = None,
+               **options) -> tuple[torch.Tensor, torch.Tensor]:
+    """`num_images` inputs with balanced target classes, `batch_size` at a time (the batch-norm
+    statistics are a batch's, so a batch mixes every class); returns (images, targets)."""
+    g = torch.Generator().manual_seed(int(seed))
+    targets = torch.arange(num_images) % num_classes
+    targets = targets[torch.randperm(num_images, generator=g)]
+    images = []
+    for b, start in enumerate(range(0, num_images, batch_size)):
+        t = targets[start:start + batch_size]
+        step_cb = (lambda s, losses, b=b: on_step(b, s, losses)) if on_step else None
+        images.append(synthesize_batch(teacher, t, in_shape, generator=g, on_step=step_cb, **options))
+        if on_batch is not None:
+            on_batch(b, len(images[-1]))
+    return torch.cat(images), targets

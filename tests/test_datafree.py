@@ -1,0 +1,78 @@
+"""Data-free distillation: DeepInversion's synthesis on a real trained teacher, the transfer set
+stored with the teacher's run and reused by the next job, and the clear error for a teacher it
+cannot invert."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from mlflow.tracking import MlflowClient
+
+from kdpipe.config import validate
+from kdpipe.datafree.deepinversion import BatchNormStatistics, synthesize_batch
+from kdpipe.errors import ConfigError
+from kdpipe.models import cnn, mlp
+
+from .conftest import FAST, make_cfg, run_cli, stage_runs
+
+
+def trained_teacher():
+    """A small CNN fitted to four Gaussian prototypes: its batch-norm layers hold real statistics."""
+    torch.manual_seed(0)
+    protos = torch.randn(4, 1, 8, 8)
+    model = cnn([1, 8, 8], 4, width=8, depth=2)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(60):
+        y = torch.randint(0, 4, (64,))
+        x = protos[y] + 0.5 * torch.randn(64, 1, 8, 8)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.eval(), protos
+
+
+def test_synthesis_lowers_the_batch_norm_loss_and_reaches_its_targets():
+    teacher, _ = trained_teacher()
+    losses = []
+    targets = torch.arange(32) % 4
+    x = synthesize_batch(teacher, targets, (1, 8, 8), steps=80, lr=0.1, tv=0.0,
+                         generator=torch.Generator().manual_seed(0),
+                         on_step=lambda step, terms: losses.append(terms))
+    bn = [t["bn"] for t in losses]
+    assert sum(bn[-10:]) / 10 < 0.5 * bn[0]
+    assert losses[-1]["ce"] < losses[0]["ce"]
+    with torch.no_grad():
+        assert (teacher(x).argmax(-1) == targets).float().mean() > 0.9
+    # the hooks are gone afterwards: the teacher runs as before
+    stats = BatchNormStatistics(teacher)
+    teacher(x)
+    assert len(stats.terms) == 2
+    stats.remove()
+
+
+def test_a_teacher_without_batch_norm_gets_the_clear_error():
+    with pytest.raises(ConfigError, match="no BatchNorm layer.*distill=data_free"):
+        BatchNormStatistics(mlp([1, 8, 8], 4))
+    with pytest.raises(ConfigError, match="no BatchNorm layer"):
+        validate(make_cfg(["teacher.model._target_=kdpipe.models.mlp", "~teacher.model.width",
+                           "~teacher.model.depth", "distill=deepinversion"]))
+
+
+def test_the_transfer_set_is_synthesised_once_and_reused_by_the_next_job(store, tmp_path):
+    small = ["distill=deepinversion", "distill.scheme.num_images=64", "distill.scheme.batch_size=32",
+             "distill.scheme.steps=5", "prune=none", "quantize=none"]
+    for extra in ([], ["distill.alpha=1.0"]):
+        res = run_cli([*FAST, *small, *extra], tmp_path)
+        assert res.returncode == 0, res.stderr[-2000:]
+    runs = stage_runs()
+    teacher = next(r for r in runs if r.data.tags.get("kdpipe.stage") == "teacher"
+                   and "kdpipe.reused_from" not in r.data.tags)
+    first, second = sorted((r for r in runs if r.data.tags.get("kdpipe.stage") == "distill"),
+                           key=lambda r: r.info.start_time)
+    assert first.data.tags["kdpipe.synthetic"] == "computed"
+    assert second.data.tags["kdpipe.synthetic"] == f"reused:{teacher.info.run_id}"
+    client = MlflowClient()
+    assert len(client.list_artifacts(teacher.info.run_id, "synthetic")) == 1
+    assert "synthesis/loss_bn" in first.data.metrics
+    assert [a.path for a in client.list_artifacts(second.info.run_id, "synthetic")] == ["synthetic/grid.png"]
