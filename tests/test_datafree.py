@@ -76,3 +76,45 @@ def test_the_transfer_set_is_synthesised_once_and_reused_by_the_next_job(store, 
     assert len(client.list_artifacts(teacher.info.run_id, "synthetic")) == 1
     assert "synthesis/loss_bn" in first.data.metrics
     assert [a.path for a in client.list_artifacts(second.info.run_id, "synthetic")] == ["synthetic/grid.png"]
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 8), (1, 28, 28), (3, 7, 9)])
+def test_the_generator_makes_standardised_inputs_of_the_data_shape(shape):
+    from kdpipe.datafree.adversarial import Generator
+
+    g = Generator(shape, nz=16, width=8)
+    x = g(torch.randn(32, 16))
+    assert x.shape == (32, *shape)
+    assert x.mean().abs() < 0.1 and (x.std() - 1).abs() < 0.1  # per-channel standardised, like the data
+
+
+def test_adversarial_data_free_kd_trains_a_student_from_no_image_and_logs_both_losses(store, tmp_path):
+    res = run_cli([*FAST, "distill=data_free", "distill.scheme.steps_per_epoch=10",
+                   "distill.scheme.batch_size=64", "trainer.max_epochs=4", "prune=none", "quantize=none"],
+                  tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    runs = stage_runs()
+    distill = next(r for r in runs if r.data.tags.get("kdpipe.stage") == "distill")
+    m = distill.data.metrics
+    logged = {"train/loss_student", "train/loss_generator", "train/generator_bn", "train/generator_balance"}
+    assert logged <= set(m)
+    assert m["test/acc"] > 0.5  # 4 classes: chance is 0.25; no training image was read by the student
+    client = MlflowClient()
+    assert [a.path for a in client.list_artifacts(distill.info.run_id, "synthetic")] == ["synthetic/grid.png"]
+
+
+def test_int8_calibrated_on_synthesised_inputs_reads_no_data_and_stays_accurate(store, tmp_path):
+    base = [*FAST, "trainer.max_epochs=3", "prune=none", "quantize=static",
+            "quantize.calibration.num_batches=2", "quantize.calibration.min_samples=0"]
+    for extra in ([], ["quantize.calibration.source=synthetic", "quantize.calibration.synthetic.steps=30"]):
+        res = run_cli([*base, *extra], tmp_path)
+        assert res.returncode == 0, res.stderr[-2000:]
+    real, synthetic = sorted((r for r in stage_runs() if r.data.tags.get("kdpipe.stage") == "quantize"),
+                             key=lambda r: r.info.start_time)
+    assert synthetic.data.tags["kdpipe.calibration_source"] == "synthetic"
+    assert "kdpipe.calibration_source" not in real.data.tags
+    assert synthetic.data.metrics["quantize/calibration_samples"] == 2 * 64
+    assert synthetic.data.metrics["test/acc"] >= real.data.metrics["test/acc"] - 0.05
+    with pytest.raises(ConfigError, match="calibrate on the training split"):
+        validate(make_cfg(["student.model._target_=kdpipe.models.mlp", "~student.model.width",
+                           "~student.model.depth", "quantize.calibration.source=synthetic"]))

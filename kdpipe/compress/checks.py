@@ -100,6 +100,9 @@ def check_quantize(quantize: DictConfig) -> None:
     if str(cal.method) not in CALIBRATION_METHODS:
         raise ConfigError(f"quantize.calibration.method={cal.method} is not known; use one of "
                           f"{', '.join(CALIBRATION_METHODS)}")
+    if str(cal.get("source", "train")) not in ("train", "synthetic"):
+        raise ConfigError(f"quantize.calibration.source={cal.source} is not known; use train (the training "
+                          f"split) or synthetic (inputs synthesised from the model, no data)")
     if mode == "qat":
         check_distill_from(quantize.get("distill_from", "teacher"), "quantize.distill_from")
     if mode == "qat" and int(quantize.epochs) < 1:
@@ -176,3 +179,13 @@ def check_compression(cfg: DictConfig) -> None:
     check_prune(cfg.prune, cfg.get("trainer"), *_student(cfg))
     check_quantize(cfg.quantize)
     check_budget(cfg)
+    quantize = cfg.quantize
+    synthetic = str(quantize.get("mode")) in ("static", "qat") and \
+        str(quantize.calibration.get("source")) == "synthetic"
+    if synthetic:
+        from kdpipe.datafree.deepinversion import BatchNormStatistics
+
+        model, _ = _student(cfg)
+        if model is not None:  # synthesis inverts the student's batch-norm statistics: it needs some
+            BatchNormStatistics(model, "student", "calibrate on the training split: "
+                                "quantize.calibration.source=train").remove()

@@ -18,6 +18,7 @@ from torch.utils.data import TensorDataset
 from kdpipe import limits
 from kdpipe.datafree.deepinversion import BatchNormStatistics, synthesize
 from kdpipe.distill.cache import compute_logits
+from kdpipe.errors import ConfigError
 from kdpipe.losses.base import find_module
 from kdpipe.tracking.store import stage_lock
 
@@ -25,7 +26,9 @@ log = logging.getLogger("kdpipe")
 
 ARTIFACT_DIR = "synthetic"
 
-__all__ = ["DeepInversion", "synthesize"]
+__all__ = ["AdversarialDataFree", "DeepInversion", "synthesize"]
+
+LOSSES = ("l1", "kl")
 
 
 class DeepInversion:
@@ -117,4 +120,54 @@ class DeepInversion:
         student = job.build_student()
         job.fitter.fit(job.distiller(student, job.teacher, loss), "student", job.max_epochs,
                        train_loader=loader)
+        return student
+
+
+class AdversarialDataFree:
+    """Data-free KD with a generator trained against the student (`kdpipe.datafree.adversarial`):
+    an epoch is `steps_per_epoch` rounds of one generator step and `student_steps` student steps on
+    `batch_size` generated inputs. No training image and no batch norm needed (the teacher's
+    batch-norm statistics are used when it has them, weight `bn`). A grid of generated inputs, one
+    row per class the teacher assigns them, is logged as `synthetic/grid.png`."""
+
+    needs_teacher = True
+
+    def __init__(self, steps_per_epoch: int = 50, batch_size: int = 256, student_steps: int = 5,
+                 nz: int = 100,
+                 generator_width: int = 64, generator_lr: float = 1e-3, loss: str = "l1",
+                 temperature: float = 1.0, bn: float = 1.0, balance: float = 5.0) -> None:
+        name = "distill.scheme"
+        if loss not in LOSSES:
+            raise ConfigError(f"{name}.loss={loss!r}; use l1 (DFAD) or kl (ZSKT)")
+        self.steps_per_epoch = limits.positive_int(steps_per_epoch, f"{name}.steps_per_epoch", "e.g. 50")
+        self.generator_args = {"nz": limits.positive_int(nz, f"{name}.nz", "e.g. 100"),
+                               "width": limits.positive_int(generator_width, f"{name}.generator_width",
+                                                            "e.g. 64")}
+        self.module_args = {
+            "batch_size": limits.positive_int(batch_size, f"{name}.batch_size", "e.g. 256"),
+            "student_steps": limits.positive_int(student_steps, f"{name}.student_steps", "e.g. 5"),
+            "generator_lr": limits.positive(generator_lr, f"{name}.generator_lr", "Adam's learning rate"),
+            "loss": loss, "temperature": limits.temperature(temperature, f"{name}.temperature"),
+            "bn": limits.weight(bn, f"{name}.bn"), "balance": limits.weight(balance, f"{name}.balance")}
+
+    def train(self, job) -> nn.Module:
+        from kdpipe.datafree.adversarial import AdversarialDataFreeModule, Generator
+        from kdpipe.datafree.grid import class_grid
+
+        student = job.build_student()
+        generator = Generator(tuple(job.example_input.shape[1:]), **self.generator_args)
+        module = AdversarialDataFreeModule(student, job.teacher, generator, job.num_classes, job.optim,
+                                           **self.module_args)
+        rounds = job.datamodule._loader(TensorDataset(torch.zeros(self.steps_per_epoch, 1)), shuffle=False,
+                                        batch_size=1)
+        try:
+            job.fitter.fit(module, "student", job.max_epochs, train_loader=rounds)
+        finally:
+            if module.stats is not None:
+                module.stats.remove()
+        with torch.no_grad():
+            x = generator.eval()(torch.randn(20 * job.num_classes, generator.nz))
+            y = job.teacher(x).argmax(-1)
+        grid = class_grid(x, y, job.num_classes, job.workdir / ARTIFACT_DIR / "grid.png")
+        mlflow.log_artifact(str(grid), artifact_path=ARTIFACT_DIR)
         return student

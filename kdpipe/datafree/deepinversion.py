@@ -27,13 +27,14 @@ class BatchNormStatistics:
     sum over layers of ||mean(x) - running_mean||_2 + ||var(x) - running_var||_2, the statistics of
     each layer's input over the batch (and space)."""
 
-    def __init__(self, model: nn.Module, role: str = "teacher") -> None:
+    def __init__(self, model: nn.Module, role: str = "teacher",
+                 fix: str = "use distill=data_free, whose generator is trained against the student and "
+                            "needs none") -> None:
         self.layers = [m for m in model.modules() if isinstance(m, _BN) and m.running_mean is not None]
         if not self.layers:
             raise ConfigError(f"DeepInversion matches the {role}'s batch-norm statistics, and the {role} "
-                              f"({type(model).__name__}) has no BatchNorm layer with running statistics; use "
-                              f"distill=data_free, whose generator is trained against the student and needs "
-                              f"none")
+                              f"({type(model).__name__}) has no BatchNorm layer with running statistics; "
+                              f"{fix}")
         self.terms: list[torch.Tensor] = []
         self.handles = [m.register_forward_hook(self._hook) for m in self.layers]
 
@@ -65,8 +66,10 @@ def synthesize_batch(teacher: nn.Module, targets: torch.Tensor, in_shape: tuple[
     """One batch of inputs, one per entry of `targets`, optimised by Adam for `steps` steps from
     Gaussian noise (in the teacher's normalised input space). `on_step(step, losses)` sees each
     step's terms (unweighted)."""
+    was_training = teacher.training
     teacher = teacher.eval()
-    for p in teacher.parameters():
+    trainable = [p for p in teacher.parameters() if p.requires_grad]
+    for p in trainable:  # gradients flow to the inputs only
         p.requires_grad_(False)
     stats = BatchNormStatistics(teacher)
     x = torch.randn(len(targets), *in_shape, generator=generator).requires_grad_(True)
@@ -92,6 +95,9 @@ def synthesize_batch(teacher: nn.Module, targets: torch.Tensor, in_shape: tuple[
                 on_step(step, {k: float(v.detach()) for k, v in terms.items()})
     finally:
         stats.remove()
+        for p in trainable:
+            p.requires_grad_(True)
+        teacher.train(was_training)
     return x.detach()
 
 

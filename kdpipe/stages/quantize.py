@@ -10,6 +10,7 @@ from pathlib import Path
 
 import mlflow
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from kdpipe.compress import lowbit
 from kdpipe.compress.budget import (
@@ -46,7 +47,25 @@ def qat_finetune(run: StageRun, model: nn.Module, teacher: StageOutput | None, u
     model.eval()
 
 
-def int8_quantizer(ctx: PipelineContext, fp32: Path) -> Callable[[Path, list[str]], Path]:
+def calibration_loader(ctx: PipelineContext, model: nn.Module | None):
+    """The batches static int8 calibrates on: the training split's, or (`calibration.source=synthetic`)
+    inputs synthesised from `model` itself by DeepInversion, balanced over the classes, no data read."""
+    cal = ctx.cfg.quantize.calibration
+    if str(cal.get("source", "train")) != "synthetic":
+        return ctx.datamodule.train_dataloader()
+    from kdpipe.datafree.deepinversion import synthesize
+
+    dm = ctx.datamodule
+    n = int(cal.num_batches) * int(dm.batch_size)
+    images, _ = synthesize(model, n, tuple(ctx.example_input.shape[1:]), ctx.num_classes,
+                           batch_size=int(dm.batch_size), seed=int(ctx.cfg.seed),
+                           **dict(cal.get("synthetic") or {}))
+    mlflow.set_tag("kdpipe.calibration_source", "synthetic")
+    return dm._loader(TensorDataset(images), shuffle=False)
+
+
+def int8_quantizer(ctx: PipelineContext, fp32: Path,
+                   model: nn.Module | None = None) -> Callable[[Path, list[str]], Path]:
     """`quantize(out_path, exclude)`: the configured int8 mode applied to `fp32` with the ONNX nodes
     in `exclude` left fp32. Static calibration batches are read once and reused by every call."""
     qcfg = ctx.cfg.quantize
@@ -59,7 +78,7 @@ def int8_quantizer(ctx: PipelineContext, fp32: Path) -> Callable[[Path, list[str
     if mode not in ("static", "qat"):
         raise ValueError(f"quantize.mode={mode!r} is not known; use dynamic, static or qat")
     cal = qcfg.calibration
-    batches, samples = read_calibration(ctx.datamodule.train_dataloader(), fp32, int(cal.num_batches),
+    batches, samples = read_calibration(calibration_loader(ctx, model), fp32, int(cal.num_batches),
                                         int(cal.min_samples))
     mlflow.log_metric("quantize/calibration_samples", float(samples))
     return lambda out, exclude: quantize_static_int8(
@@ -148,7 +167,7 @@ def quantize_compute(run: StageRun, upstream: StageOutput, teacher: StageOutput 
     if mode == "qat":
         qat_finetune(run, model, teacher, upstream)
     fp32 = export_onnx(model, ctx.example_input, out_dir / "model.fp32.onnx")
-    quantize = int8_quantizer(ctx, fp32)
+    quantize = int8_quantizer(ctx, fp32, model)
     out = out_dir / "model.int8.onnx"
     if ccfg.sensitivity or ccfg.max_acc_drop is not None:
         quantize_to_budget(run, model, fp32, quantize, teacher, out)
