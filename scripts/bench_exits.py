@@ -131,7 +131,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--width", type=int, default=32)
     ap.add_argument("--depth", type=int, default=4)
     ap.add_argument("--exits", nargs="+", default=["features.1", "features.2"])
     ap.add_argument("--budget", type=float, default=0.5, help="exits.max_acc_drop, points")
