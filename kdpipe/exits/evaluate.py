@@ -38,7 +38,17 @@ def build_segments(net: EarlyExitNet, example: torch.Tensor, folder: Path, quant
     mode = (quantize or {}).get("mode", "none")
     if mode in ("static", "qat"):  # QAT's int8 model: its segments calibrated the static way
         cal = quantize.get("calibration") or {}
-        images = [b[0] for _, b in zip(range(int(cal.get("num_batches", 8))), train_loader, strict=False)]
+        num = int(cal.get("num_batches", 8))
+        if cal.get("source") == "synthetic":  # as the model itself was calibrated: no data read
+            from kdpipe.datafree.deepinversion import synthesize
+
+            batch = int(train_loader.batch_size)
+            classes = int(net.exits[0][-1].out_features)
+            fake, _ = synthesize(net, num * batch, tuple(example.shape[1:]), classes, batch,
+                                 **dict(cal.get("synthetic") or {}))
+            images = list(fake.split(batch))
+        else:
+            images = [b[0] for _, b in zip(range(num), train_loader, strict=False)]
         int8 = quantize_segments(net, files, images, folder, cal.get("method", "minmax"),
                                  bool(quantize.get("per_channel", True)))
     elif mode == "dynamic":
