@@ -167,6 +167,11 @@ RANGES: dict[str, Callable[[Any, str], Any]] = {
     "eval.latency_iters": partial(positive_int, hint="timed runs per model"),
     "eval.latency_warmup": partial(whole_number, hint="untimed runs before timing"),
     "eval.throughput_batch_size": partial(positive_int, hint="samples per timed batch"),
+    "exits.max_acc_drop": partial(non_negative, hint="points of validation accuracy the exits may cost"),
+    "exits.head_width": partial(positive_int, hint="channels of each exit head, or null for its block's"),
+    "exits.loss.temperature": temperature,
+    "exits.loss.*": weight,
+    "exits.latency_samples": partial(positive_int, hint="test images timed one at a time"),
 }
 
 

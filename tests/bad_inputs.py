@@ -124,6 +124,7 @@ ROWS = [
     _row("calibration-batches-0", "quantize.calibration.num_batches=0",
          "quantize.calibration.num_batches=0 must be >= 1"),
     _row("seed-abc", "seed=abc", "seed=abc: seed takes an integer"),
+    _row("exits-budget-negative", "exits.max_acc_drop=-1", "exits.max_acc_drop=-1 must be >= 0"),
     _row("misspelled-key", "distill.temprature=4",
          "distill.temprature=4: 'distill' has no key 'temprature' (did you mean distill.temperature?)",
          "+distill.temprature=4"),

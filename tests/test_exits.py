@@ -148,6 +148,16 @@ def test_bad_exit_settings_are_refused_before_training():
     validate(make_cfg([EXITS]))
 
 
+def test_a_bad_exit_path_ends_the_command_in_one_line_before_training(tmp_path):
+    res = run_cli([*FAST, "student.exits=[features.9]"], tmp_path)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        "kdpipe: error: student.exits: 'features.9' is not a block of the student's chain; valid paths: "
+        "features.0.0, features.0.1, features.0.2, features.0.3, features.1.0, features.1.1, features.1.2, "
+        "features.1.3, features.2.0, features.2.1, features.2.2, pool.0, pool.1, classifier"]
+    assert not (tmp_path / "mlflow.db").exists()  # nothing trained, no run in the store
+
+
 def test_structured_pruning_keeps_every_head_attached_to_its_block(tmp_path):
     model = net()
     example = torch.randn(2, 1, 8, 8)
