@@ -227,3 +227,56 @@ def test_a_pruner_told_to_ignore_a_layer_leaves_it_whole(fragile):
     assert float((model[0].weight == 0).float().mean()) > 0.3
     with pytest.raises(ConfigError, match=r"prune.pruner.ignore names no layer \['9'\]"):
         MagnitudePruner(model, ignore=["9"])
+
+
+def test_a_layer_plan_gives_each_layer_its_share_of_the_channels_removed():
+    from kdpipe.compress.structured import StructuredPruner
+    from kdpipe.models import cnn
+
+    torch.manual_seed(0)
+    model = cnn([1, 16, 16], 4, width=16, depth=3)
+    scales = {"features.0.0": 0.5, "features.1.0": 2.0, "features.2.0": 1.0}
+    StructuredPruner(model, torch.randn(2, 1, 16, 16), layer_scale=scales).step(0.3)
+    widths = {p: model.get_submodule(p).out_channels for p in scales}
+    assert widths == {"features.0.0": 13, "features.1.0": 12, "features.2.0": 44}  # 15 %, 60 %, 30 % removed
+
+
+def test_the_allocation_favours_layers_that_save_time_cheaply_and_keeps_the_total():
+    from kdpipe.compress.allocate import MAX_SCALE, MIN_SCALE, layer_plan
+
+    rows = [  # measured alone at the probe sparsity: accuracy cost and latency saved
+        {"layer": "cheap_and_slow", "drop_points": 0.0, "latency_ms": 0.6, "base_latency_ms": 1.0},
+        {"layer": "fragile", "drop_points": 30.0, "latency_ms": 0.7, "base_latency_ms": 1.0},
+        {"layer": "saves_nothing", "drop_points": 0.5, "latency_ms": 1.0, "base_latency_ms": 1.0},
+    ]
+    channels = {"cheap_and_slow": 32, "fragile": 32, "saves_nothing": 64}
+    plan = layer_plan(rows, channels)
+    assert plan["cheap_and_slow"] > 1 > plan["fragile"]
+    assert MIN_SCALE <= plan["saves_nothing"] <= plan["fragile"] <= plan["cheap_and_slow"] <= MAX_SCALE
+    weighted = sum(channels[k] * v for k, v in plan.items()) / sum(channels.values())
+    assert weighted == pytest.approx(1.0, abs=0.02)  # prune.sparsity still the share of channels removed
+    same = [{**r, "latency_ms": 1.0} for r in rows]
+    assert layer_plan(same, channels) == {k: 1.0 for k in channels}  # nothing measurable: uniform
+
+
+def test_the_prune_stage_plans_widths_by_sensitivity_and_logs_the_plan(store, tmp_path):
+    res = run_cli([*FAST, "prune=structured", "prune.sparsity=0.4", "compress.allocation=sensitivity",
+                   "quantize=none"], tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    prune = next(r for r in stage_runs() if r.data.tags.get("kdpipe.stage") == "prune")
+    client = MlflowClient()
+    assert {a.path for a in client.list_artifacts(prune.info.run_id, "allocation")} == {
+        "allocation/plan.md", "allocation/plan.json"}
+    local = mlflow.artifacts.download_artifacts(run_id=prune.info.run_id, dst_path=str(tmp_path / "dl"),
+                                                artifact_path="allocation/plan.json")
+    import json
+
+    plan = json.loads(open(local).read())
+    assert {row["layer"] for row in plan} == {"features.0.0", "features.1.0", "features.2.0"}
+    with pytest.raises(ConfigError, match="needs prune=structured"):
+        validate(OmegaConf.merge(compose_cfg(["prune=magnitude", "compress.allocation=sensitivity"])))
+
+
+def compose_cfg(overrides):
+    with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
+        return compose("config", overrides=[*FAST, *overrides])

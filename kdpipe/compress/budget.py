@@ -77,12 +77,15 @@ def int8_sensitivity(nodes: Sequence[str], quantize: Callable[[Path, list[str]],
 
 def prune_sensitivity(model: nn.Module, pruner_cfg, example: torch.Tensor,
                       val_acc: Callable[[nn.Module], float], sparsities: Sequence[float],
-                      train_batches: Iterable | None = None) -> list[dict]:
+                      train_batches: Iterable | None = None,
+                      measure: Callable[[nn.Module], dict[str, float]] | None = None) -> list[dict]:
     """One row per (layer, sparsity): the validation accuracy when only that layer is pruned, with no
     fine-tuning. A structural pruner (channels) is built on a copy with every other layer ignored, so
     it removes that layer's output channels (and the inputs that read them); a magnitude pruner
-    masks that layer's smallest |w|."""
+    masks that layer's smallest |w|. `measure(model)` adds its values to each row, and its values for
+    the unpruned model as `base_<key>`."""
     base = val_acc(model)
+    base_extra = {f"base_{k}": v for k, v in measure(model).items()} if measure else {}
     rows = []
     probe = build(pruner_cfg, "prune.pruner", model=copy.deepcopy(model), example_inputs=example)
     structural = getattr(probe, "structural", False)
@@ -104,7 +107,8 @@ def prune_sensitivity(model: nn.Module, pruner_cfg, example: torch.Tensor,
                 torch_prune.l1_unstructured(trial.get_submodule(layer), "weight", amount=float(s))
             acc = val_acc(trial.eval())
             rows.append({"layer": layer, "setting": f"sparsity {s:g}", "val_acc": acc,
-                         "drop_points": 100.0 * (base - acc)})
+                         "drop_points": 100.0 * (base - acc),
+                         **({**measure(trial), **base_extra} if measure else {})})
             log.info("sensitivity: only %s pruned to %g: val acc %.2f %% (%+.2f points)", layer, s, 100 * acc,
                      -rows[-1]["drop_points"])
     return rows

@@ -151,6 +151,14 @@ def check_budget(cfg: DictConfig) -> None:
     if budget is not None and not int8 and not pruning:
         raise ConfigError(f"compress.max_acc_drop acts on the prune stage and on int8 in the quantize stage, "
                           f"and this pipeline has neither (prune=none, quantize={mode})")
+    allocation = str(ccfg.get("allocation", "uniform"))
+    if allocation not in ("uniform", "sensitivity"):
+        raise ConfigError(f"compress.allocation={allocation} is not known; use uniform (every layer the same "
+                          f"share) or sensitivity (each layer by the latency it saves per point it costs)")
+    pruner_target = str(cfg.prune.get("pruner", {}).get("_target_"))
+    if allocation == "sensitivity" and "StructuredPruner" not in pruner_target:
+        raise ConfigError(f"compress.allocation=sensitivity plans channel widths per layer, which needs "
+                          f"prune=structured (got prune={cfg.prune.get('method', 'none')})")
     if ccfg.get("sensitivity") and not int8 and not pruning:
         raise ConfigError(f"compress.sensitivity measures the prune stage and int8 quantization, and this "
                           f"pipeline has neither (prune=none, quantize={mode})")

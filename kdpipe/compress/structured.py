@@ -6,7 +6,7 @@ and every layer tied to them through a residual addition, so the pruned network 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -67,13 +67,16 @@ class StructuredPruner:
     are scored (`kdpipe.compress.importance`); one that `needs_gradients` reads `.grad`, which
     `accumulate_gradients` fills from `gradient_batches` training batches before each step.
     `round_to`: keep channel counts multiples of this (e.g. 8), the widths CPU kernels run fast.
+    `layer_scale`: {module path: factor}, a layer's share of `target` (a plan from
+    `kdpipe.compress.allocate`: 2 removes twice the share of its channels, 0.5 half), capped at 0.95.
     """
 
     structural = True
 
     def __init__(self, model: nn.Module, example_inputs: torch.Tensor, importance: object | None = None,
                  ignore: Sequence[str] | None = None, global_pruning: bool = False,
-                 gradient_batches: int = 4, round_to: int | None = None) -> None:
+                 gradient_batches: int = 4, round_to: int | None = None,
+                 layer_scale: Mapping[str, float] | None = None) -> None:
         importance = Magnitude() if importance is None else importance
         was_training = model.training  # tracing the graph leaves the model in eval mode
         modules = dict(model.named_modules())
@@ -83,9 +86,11 @@ class StructuredPruner:
         forward_all = getattr(model, "forward_all", None)
         if forward_all is not None:
             paths += [f"exits.{i}.{len(head) - 1}" for i, head in enumerate(model.exits)]
-        unknown = [p for p in paths if p not in modules]
+        self.layer_scale = {str(k): float(v) for k, v in (layer_scale or {}).items()}
+        unknown = [p for p in [*paths, *self.layer_scale] if p not in modules]
         if unknown:
-            raise ConfigError(f"prune.pruner.ignore names no layer {unknown}; valid module paths: "
+            raise ConfigError(f"prune.pruner.ignore (or a layer_scale plan) names no layer {unknown}; valid "
+                              f"module paths: "
                               f"{', '.join(n for n in modules if n)}")
         self.model, self.ignored = model, paths
         self.gradient_batches = int(gradient_batches) if needs_gradients(importance) else 0
@@ -93,6 +98,7 @@ class StructuredPruner:
             model, example_inputs[:1], importance=importance, global_pruning=global_pruning,
             pruning_ratio=0.0, iterative_steps=1, ignored_layers=[modules[p] for p in paths],
             round_to=int(round_to) if round_to else None,
+            pruning_ratio_dict={modules[p]: 0.0 for p in self.layer_scale} or None,
             forward_fn=(lambda m, x: m.forward_all(x)) if forward_all is not None else None)
         model.train(was_training)
         self._initial = self._widths()
@@ -109,6 +115,9 @@ class StructuredPruner:
                              "kdpipe.compress.structured.accumulate_gradients first (PruningCallback does), "
                              "or fine-tune for at least one epoch")
         self._pruner.per_step_pruning_ratio = [0.0, float(target)]  # Torch-Pruning's ratio of step 1
+        modules = dict(self.model.named_modules())
+        for path, scale in self.layer_scale.items():  # a layer with a plan of its own
+            self._pruner.pruning_ratio_dict[modules[path]] = [0.0, min(float(target) * scale, 0.95)]
         self._pruner.reset()
         self._pruner.step()
 

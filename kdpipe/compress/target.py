@@ -52,11 +52,12 @@ def shipped_form(model: nn.Module, example: torch.Tensor, folder: Path,
 
 def measure(model: nn.Module, pruner_cfg, sparsity: float, example: torch.Tensor,
             quantize: Callable[[Path, Path], Path] | None, warmup: int, iters: int, batch_size: int,
-            threads: int) -> Candidate:
+            threads: int, **pruner_kwargs) -> Candidate:
     """Prune a copy of `model` to `sparsity` in one cut and measure what it would ship as."""
     trial = copy.deepcopy(model)
     if sparsity > 0:
-        build(pruner_cfg, "prune.pruner", model=trial, example_inputs=example).step(float(sparsity))
+        pruner = build(pruner_cfg, "prune.pruner", model=trial, example_inputs=example, **pruner_kwargs)
+        pruner.step(float(sparsity))
     trial.eval()
     with tempfile.TemporaryDirectory() as tmp:
         path = shipped_form(trial, example, Path(tmp), quantize)

@@ -3,19 +3,24 @@ number logged here is measured on the saved artefact."""
 
 from __future__ import annotations
 
+import json
 import logging
+import tempfile
+from pathlib import Path
 
 import mlflow
 
 from kdpipe.compress import prune_model, target
+from kdpipe.compress.allocate import layer_plan
 from kdpipe.compress.budget import back_off, log_backoff, log_sensitivity, prune_sensitivity
 from kdpipe.compress.quantize import quantize_dynamic_int8, quantize_static_int8, read_calibration
 from kdpipe.compress.save import save_pruned
 from kdpipe.compress.slim import slim_onnx
 from kdpipe.errors import ConfigError, build
-from kdpipe.metrics.measure import torch_logits
+from kdpipe.metrics.measure import onnx_latency_ms, torch_logits
 from kdpipe.models.io import load_model, read_model_file
 from kdpipe.modules import DistillationModule
+from kdpipe.report.tables import fmt, markdown_table
 from kdpipe.stages.base import PipelineContext, Product, StageOutput, StageRun, run_stage
 from kdpipe.stages.finetune import finetune_module
 from kdpipe.stages.train import TRAINING_SECTIONS
@@ -38,19 +43,24 @@ def prune_compute(run: StageRun, upstream: StageOutput, teacher: StageOutput | N
                                  lambda m: val_accuracy(ctx, m), list(ccfg.sensitivity_sparsities),
                                  ctx.datamodule.train_dataloader())
         log_sensitivity(rows, "prune")
+    plan = {}  # compress.allocation=sensitivity: each layer's share of the sparsity
+    if str(ccfg.get("allocation", "uniform")) == "sensitivity":
+        plan = {"layer_scale": allocation_plan(ctx, load_model(upstream.path))}
     aimed = {}  # a target replaces prune.sparsity with the sparsity that meets it
     if ccfg.get("target_latency_ms") is not None or ccfg.get("target_size_bytes") is not None:
-        aimed["sparsity"] = sparsity_for_target(ctx, load_model(upstream.path))
+        aimed["sparsity"] = sparsity_for_target(ctx, load_model(upstream.path), plan)
     source = upstream if str(ft.get("distill_from", "teacher")) == "input" else teacher
     attempts: dict[int, tuple] = {}
 
     def attempt(kept: list[str], step: int) -> float:
         """Prune and fine-tune the model entering the stage with the layers `kept` left whole."""
         model = load_model(upstream.path)
-        pruner = build(pcfg.pruner, "prune.pruner", model=model, example_inputs=ctx.example_input)
+        pruner = build(pcfg.pruner, "prune.pruner", model=model, example_inputs=ctx.example_input, **plan)
         if kept:  # the configured pruner again, told to leave the kept layers alone too
+            rest = {"layer_scale": {k: v for k, v in plan["layer_scale"].items() if k not in kept}} \
+                if plan else {}
             pruner = build(pcfg.pruner, "prune.pruner", model=model, example_inputs=ctx.example_input,
-                           ignore=[*getattr(pruner, "ignored", ()), *kept])
+                           ignore=[*getattr(pruner, "ignored", ()), *kept], **rest)
         schedule = build(pcfg.schedule, "prune.schedule", **aimed)
 
         def finetune(callbacks, epochs: int) -> None:
@@ -88,7 +98,40 @@ def prune_compute(run: StageRun, upstream: StageOutput, teacher: StageOutput | N
     return Product(files.model, metrics=metrics, artifacts=[files.table])
 
 
-def sparsity_for_target(ctx: PipelineContext, model) -> float:
+def allocation_plan(ctx: PipelineContext, model) -> dict[str, float]:
+    """`compress.allocation=sensitivity`: each prunable layer pruned alone to `allocation_probe` of its
+    channels, its validation accuracy and fp32 ONNX Runtime latency measured, and its share of the
+    sparsity set from them (`kdpipe.compress.allocate`); logged as `allocation/plan.md` and `.json`."""
+    ccfg, ecfg = ctx.cfg.compress, ctx.cfg.eval
+
+    def latency(m) -> dict[str, float]:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = target.shipped_form(m.eval(), ctx.example_input, Path(tmp), None)
+            lat = onnx_latency_ms(path, ctx.example_input, warmup=int(ecfg.latency_warmup),
+                                  iters=int(ecfg.latency_iters))
+        return {"latency_ms": lat["p50_ms"]}
+
+    rows = prune_sensitivity(model, ctx.cfg.prune.pruner, ctx.example_input, lambda m: val_accuracy(ctx, m),
+                             [float(ccfg.get("allocation_probe", 0.5))], ctx.datamodule.train_dataloader(),
+                             measure=latency)
+    widths = {path: int(m.weight.shape[0]) for path, m in model.named_modules() if hasattr(m, "weight")
+              and m.weight is not None and m.weight.dim() > 1}
+    plan = layer_plan(rows, widths)
+    table = [{"layer": r["layer"], "drop_points": r["drop_points"],
+              "latency_saved_ms": r["base_latency_ms"] - r["latency_ms"], "scale": plan[r["layer"]]}
+             for r in rows]
+    folder = ctx.workdir / "prune" / "allocation"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "plan.json").write_text(json.dumps(table, indent=2))
+    cells = [[fmt(v) for v in row.values()] for row in table]
+    (folder / "plan.md").write_text(markdown_table(list(table[0]), cells))
+    for f in ("plan.json", "plan.md"):
+        mlflow.log_artifact(str(folder / f), artifact_path="allocation")
+    log.info("allocation: %s", ", ".join(f"{k} x{v:.2f}" for k, v in plan.items()))
+    return plan
+
+
+def sparsity_for_target(ctx: PipelineContext, model, plan: dict | None = None) -> float:
     """The lowest sparsity whose one-cut candidate meets `compress.target_latency_ms` /
     `target_size_bytes` (less `target_margin`) in the form that ships; logged as `target/*`."""
     ccfg, ecfg = ctx.cfg.compress, ctx.cfg.eval
@@ -113,7 +156,7 @@ def sparsity_for_target(ctx: PipelineContext, model) -> float:
 
     def at(s: float):
         return target.measure(model, ctx.cfg.prune.pruner, s, ctx.example_input, quantize,
-                              int(ecfg.latency_warmup), int(ecfg.latency_iters), 1, 1)
+                              int(ecfg.latency_warmup), int(ecfg.latency_iters), 1, 1, **(plan or {}))
 
     try:
         chosen, tried = target.search_sparsity(at, meets, float(ccfg.get("max_sparsity", 0.9)))
