@@ -87,11 +87,11 @@ class StructuredPruner:
         if forward_all is not None:
             paths += [f"exits.{i}.{len(head) - 1}" for i, head in enumerate(model.exits)]
         self.layer_scale = {str(k): float(v) for k, v in (layer_scale or {}).items()}
-        unknown = [p for p in [*paths, *self.layer_scale] if p not in modules]
-        if unknown:
-            raise ConfigError(f"prune.pruner.ignore (or a layer_scale plan) names no layer {unknown}; valid "
-                              f"module paths: "
-                              f"{', '.join(n for n in modules if n)}")
+        for key, named in (("prune.pruner.ignore", paths), ("a layer_scale plan", self.layer_scale)):
+            unknown = [p for p in named if p not in modules]
+            if unknown:
+                raise ConfigError(f"{key} names no layer {unknown}; valid module paths: "
+                                  f"{', '.join(n for n in modules if n)}")
         self.model, self.ignored = model, paths
         self.gradient_batches = int(gradient_batches) if needs_gradients(importance) else 0
         self._pruner = tp.pruner.MetaPruner(
