@@ -149,28 +149,25 @@ def all_logits(rt: ExitRuntime, loader) -> tuple[list[torch.Tensor], torch.Tenso
 def batch1_latency(full_onnx: Path, rt: ExitRuntime, samples: np.ndarray, repeats: int = 5,
                    warmup: int = 20) -> tuple[float, float]:
     """Mean ms per sample at batch 1 of the full-depth model and of the exiting runtime, one thread
-    each, on the same samples. Each sample is timed `repeats` times through both, alternating, and
-    the fastest time of each counts: on a shared machine other processes only ever add time, so the
-    minimum is the model's own cost, and alternating gives both the same conditions."""
+    each, on the same samples. Each model takes `repeats` passes over the samples, the two models'
+    passes alternating (full, exits, full, exits...), and each sample counts its fastest call of
+    each model: a pass runs one model alone, with its weights in cache as on a device that serves
+    it; other processes on a shared machine only ever add time, which the minimum leaves out; and
+    alternating passes give both models the same conditions."""
     sess = ort_session(full_onnx, threads=1)
 
     def full(x):
         return sess.run(None, {INPUT_NAME: x})
 
-    for x in samples[:warmup]:
-        full(x[None])
-        rt(x[None])
-    full_s = exit_s = 0.0
-    for x in samples:
-        x = x[None]
-        best_full = best_exit = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            full(x)
-            t1 = time.perf_counter()
-            rt(x)
-            t2 = time.perf_counter()
-            best_full, best_exit = min(best_full, t1 - t0), min(best_exit, t2 - t1)
-        full_s += best_full
-        exit_s += best_exit
-    return 1e3 * full_s / len(samples), 1e3 * exit_s / len(samples)
+    batch1 = [np.ascontiguousarray(x[None]) for x in samples]
+    best = {full: np.full(len(batch1), np.inf), rt: np.full(len(batch1), np.inf)}
+    for run in best:
+        for x in batch1[:warmup]:
+            run(x)
+    for _ in range(repeats):
+        for run, times in best.items():
+            for i, x in enumerate(batch1):
+                t0 = time.perf_counter()
+                run(x)
+                times[i] = min(times[i], time.perf_counter() - t0)
+    return 1e3 * float(best[full].mean()), 1e3 * float(best[rt].mean())
