@@ -141,8 +141,7 @@ def report(args: argparse.Namespace) -> None:
         if stage == "distill":
             for r in done:
                 hist = client.get_metric_history(r.info.run_id, "val/acc")
-                curves[r.data.tags.get("mlflow.runName", r.info.run_id)] = [h.value for h in
-                                                                           sorted(hist, key=lambda h: h.step)]
+                curves[r.info.run_id] = [h.value for h in sorted(hist, key=lambda h: h.step)]
     header = ("| segments | full-depth test acc % | with exits test acc % | drop (points) "
               "| leave at exit 0 / exit 1 / end % | FLOPs saved | full ms/sample | exits ms/sample "
               "| speed-up | measured again alone: full / exits, speed-up |\n"
@@ -152,8 +151,8 @@ def report(args: argparse.Namespace) -> None:
     print(text)
     if curves:
         fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-        for i, (_name, acc) in enumerate(sorted(curves.items())):
-            ax.plot(range(1, len(acc) + 1), [100 * a for a in acc], marker=".", label=f"seed run {i}")
+        for seed, acc in zip(args.seeds, curves.values(), strict=False):  # runs in start order: the seeds
+            ax.plot(range(1, len(acc) + 1), [100 * a for a in acc], marker=".", label=f"seed {seed}")
         ax.set_xlabel("epoch")
         ax.set_ylabel("validation accuracy (%), full depth")
         ax.set_title("early-exit student: validation accuracy per epoch")
