@@ -141,7 +141,8 @@ def report(args: argparse.Namespace) -> None:
         if stage == "distill":
             for r in done:
                 hist = client.get_metric_history(r.info.run_id, "val/acc")
-                curves[r.info.run_id] = [h.value for h in sorted(hist, key=lambda h: h.step)]
+                seed = client.get_run(r.data.tags["mlflow.parentRunId"]).data.params.get("seed", "?")
+                curves[seed] = [h.value for h in sorted(hist, key=lambda h: h.step)]
     header = ("| segments | full-depth test acc % | with exits test acc % | drop (points) "
               "| leave at exit 0 / exit 1 / end % | FLOPs saved | full ms/sample | exits ms/sample "
               "| speed-up | measured again alone: full / exits, speed-up |\n"
@@ -151,7 +152,7 @@ def report(args: argparse.Namespace) -> None:
     print(text)
     if curves:
         fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-        for seed, acc in zip(args.seeds, curves.values(), strict=False):  # runs in start order: the seeds
+        for seed, acc in sorted(curves.items()):
             ax.plot(range(1, len(acc) + 1), [100 * a for a in acc], marker=".", label=f"seed {seed}")
         ax.set_xlabel("epoch")
         ax.set_ylabel("validation accuracy (%), full depth")
