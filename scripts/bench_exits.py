@@ -8,6 +8,11 @@ network run to the end, in the same process. 3 seeds, mean ± std.
     python scripts/bench_exits.py --phases report        # the table and plots from the store
     python scripts/bench_exits.py --phases remeasure report   # latency again, in one process
 
+`recalibrate --budget B` calibrates every seed's trained network again for another budget with the
+evaluate stage's own function (`kdpipe.exits.evaluate.measure_exits`: segments exported and
+quantized again, thresholds on the validation split, accuracy on test, batch-1 timing), without
+training; its table is `recalibrated_<B>.md`.
+
 `remeasure` times every seed's shipped pair again (full depth and exits, fp32 and int8) in this one
 process, as the evaluate stage does (each sample's fastest of 5 calls through both, alternating),
 for when the training jobs of the benchmark shared the machine with the stage's measurement; the
@@ -78,15 +83,9 @@ PAIRS = {"distill": ("evaluate/distill.onnx", "evaluate/distill_exits"),
 
 
 def remeasure(args: argparse.Namespace) -> None:
-    from hydra import compose, initialize_config_dir
-    from hydra.utils import instantiate
-
-    from kdpipe.cli import CONFIG_PATH
     from kdpipe.exits.runtime import ExitRuntime, batch1_latency
 
-    with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
-        dm = instantiate(compose("config", overrides=["data=fashion_mnist"]).data)
-    dm.setup("fit")
+    dm, _ = fashion()
     images = np.concatenate([x.numpy() for x, _ in dm.test_dataloader()])[:args.latency_samples]
     out = {}
     for seed in args.seeds:
@@ -99,6 +98,58 @@ def remeasure(args: argparse.Namespace) -> None:
                 print(f"seed {seed} {stage}: {full_ms:.4f} ms full, {exit_ms:.4f} ms with exits, "
                       f"{full_ms / exit_ms:.2f}x", flush=True)
     (args.workdir / "remeasured.json").write_text(json.dumps(out, indent=2))
+
+
+def fashion():
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from kdpipe.cli import CONFIG_PATH
+
+    with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
+        cfg = compose("config", overrides=["data=fashion_mnist", "quantize=static"])
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    return dm, cfg
+
+
+def recalibrate(args: argparse.Namespace) -> None:
+    from omegaconf import OmegaConf
+
+    from kdpipe.exits.evaluate import measure_exits
+    from kdpipe.models.io import load_model
+
+    dm, cfg = fashion()
+    exits_cfg = {**OmegaConf.to_container(cfg.exits, resolve=True), "max_acc_drop": args.budget,
+                 "latency_samples": args.latency_samples}
+    quantize = OmegaConf.to_container(cfg.quantize, resolve=True)
+    rows = {}
+    for seed in args.seeds:
+        root = args.workdir / f"seed{seed}"
+        net = load_model(root / "distill" / "model.pt")
+        for stage, (full, _) in PAIRS.items():
+            folder = root / f"recalibrated_{args.budget:g}" / stage
+            m = measure_exits(net, root / full, dm, dm.example_input(2), folder, exits_cfg,
+                              quantize if stage == "quantize" else None)
+            rows.setdefault(stage, []).append(m)
+            drop = 100 * (m["exits/full_test_acc"] - m["exits/test_acc"])
+            print(f"seed {seed} {stage}: test drop {drop:.2f} "
+                  f"points, {m['exits/speedup']:.2f}x", flush=True)
+    lines = [f"exits.max_acc_drop={args.budget:g}, recalibrated without training (seeds {args.seeds})", "",
+             "| segments | full-depth test acc % | with exits test acc % | drop on test (points) "
+             "| drop on val (points) | leave early % | speed-up |", "|---|---|---|---|---|---|---|"]
+    for stage, ms_rows in rows.items():
+        col = {k: [r[k] for r in ms_rows] for k in ms_rows[0]}
+        test_drop = [a - b for a, b in zip(col["exits/full_test_acc"], col["exits/test_acc"], strict=True)]
+        val_drop = [a - b for a, b in zip(col["exits/full_val_acc"], col["exits/val_acc"], strict=True)]
+        early = [1 - s for s in col["exits/share_final"]]
+        label = "fp32" if stage == "distill" else "int8"
+        lines.append(f"| {label} | {ms(col['exits/full_test_acc'], 100)} | "
+                     f"{ms(col['exits/test_acc'], 100)} | {ms(test_drop, 100)} | {ms(val_drop, 100)} | "
+                     f"{ms(early, 100, 1)} | {ms(col['exits/speedup'])}x |")
+    text = "\n".join(lines) + "\n"
+    (args.workdir / f"recalibrated_{args.budget:g}.md").write_text(text)
+    print(text)
 
 
 def ms(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
@@ -174,7 +225,8 @@ def report(args: argparse.Namespace) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=REPO / "outputs" / "bench_exits")
-    ap.add_argument("--phases", nargs="+", choices=["run", "remeasure", "report"], default=["run", "report"])
+    ap.add_argument("--phases", nargs="+", choices=["run", "recalibrate", "remeasure", "report"],
+                    default=["run", "report"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=10)
@@ -189,6 +241,8 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     if "run" in args.phases:
         run(args)
+    if "recalibrate" in args.phases:
+        recalibrate(args)
     if "remeasure" in args.phases:
         remeasure(args)
     if "report" in args.phases:
