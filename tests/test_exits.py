@@ -215,6 +215,7 @@ def test_a_pipeline_with_exits_and_static_int8_ships_a_runtime_that_stops_early(
     assert correct / total == pytest.approx(m["exits/test_acc"], abs=1e-9)
 
 
+@pytest.mark.timeout(600)  # three pipelines
 def test_a_new_budget_recalibrates_without_retraining_and_new_head_weights_retrain(store, tmp_path):
     base = [*FAST, EXITS, "prune=none", "quantize=none", "exits.latency_samples=20"]
     for extra in ([], ["exits.max_acc_drop=5", "exits.criterion=entropy"], ["exits.loss.self=0.5"]):
