@@ -7,20 +7,17 @@ import hashlib
 import json
 import logging
 import time
-from pathlib import Path
 
 import mlflow
 import torch
-from mlflow.tracking import MlflowClient
 from torch import nn
 from torch.utils.data import TensorDataset
 
 from kdpipe import limits
 from kdpipe.datafree.deepinversion import BatchNormStatistics, synthesize
-from kdpipe.distill.cache import compute_logits
+from kdpipe.distill.cache import compute_logits, stored_with_run
 from kdpipe.errors import ConfigError
 from kdpipe.losses.base import find_module
-from kdpipe.tracking.store import stage_lock
 
 log = logging.getLogger("kdpipe")
 
@@ -72,23 +69,20 @@ class DeepInversion:
     def transfer_set(self, job) -> tuple[torch.Tensor, torch.Tensor]:
         """The synthesised (images, targets): from the teacher run's artefacts, else made and stored."""
         name, source = f"{self.key(job)}.pt", job.teacher_run_id
-        client = MlflowClient()
-        with stage_lock(f"{job.teacher_key}/{ARTIFACT_DIR}/{name}"):
-            if name in {Path(f.path).name for f in client.list_artifacts(source, ARTIFACT_DIR)}:
-                local = mlflow.artifacts.download_artifacts(run_id=source,
-                                                            artifact_path=f"{ARTIFACT_DIR}/{name}",
-                                                            dst_path=str(job.workdir / ARTIFACT_DIR))
-                data = torch.load(local, map_location="cpu", weights_only=True)
-                mlflow.set_tag("kdpipe.synthetic", f"reused:{source}")
-                log.info("distill: synthetic transfer set reused from run %s", source)
-                return data["images"], data["targets"]
+
+        def make() -> dict:
             images, targets = self._synthesize(job)
-            path = job.workdir / ARTIFACT_DIR / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"images": images, "targets": targets}, path)
-            client.log_artifact(source, str(path), ARTIFACT_DIR)
-            mlflow.set_tag("kdpipe.synthetic", "computed")
-            return images, targets
+            return {"images": images, "targets": targets}
+
+        def complete(d) -> bool:
+            return isinstance(d, dict) and len(d.get("images", ())) == self.num_images
+
+        data, reused = stored_with_run(source, f"{job.teacher_key}/{ARTIFACT_DIR}/{name}", ARTIFACT_DIR, name,
+                                       job.workdir / ARTIFACT_DIR, make, complete)
+        mlflow.set_tag("kdpipe.synthetic", f"reused:{source}" if reused else "computed")
+        if reused:
+            log.info("distill: synthetic transfer set reused from run %s", source)
+        return data["images"], data["targets"]
 
     def _synthesize(self, job) -> tuple[torch.Tensor, torch.Tensor]:
         batches = -(-self.num_images // self.batch_size)

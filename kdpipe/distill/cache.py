@@ -11,7 +11,9 @@ every later student of that teacher reuses it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import torch
@@ -59,36 +61,48 @@ def compute_logits(teacher: nn.Module, train_set: TensorDataset, batch_size: int
     return torch.cat([teacher(batch[0]) for batch in loader])
 
 
+def stored_with_run(source: str, lock_key: str, folder: str, name: str, local_dir: Path,
+                    compute: Callable[[], Any],
+                    valid: Callable[[Any], bool] = lambda _: True) -> tuple[Any, bool]:
+    """(value, reused): `folder/name` from the artefacts of run `source` when an earlier job stored
+    it there and it loads and is `valid`, else `compute()`d, saved and stored there. Under a lock, so
+    two jobs at once compute it once."""
+    client = MlflowClient()
+    with stage_lock(lock_key):
+        if name in {Path(f.path).name for f in client.list_artifacts(source, folder)}:
+            local = mlflow.artifacts.download_artifacts(run_id=source, artifact_path=f"{folder}/{name}",
+                                                        dst_path=str(local_dir))
+            try:
+                value = torch.load(local, map_location="cpu", weights_only=True)
+            except Exception:  # a truncated or corrupt file: recompute below
+                value = None
+            if value is not None and valid(value):
+                return value, True
+            log.warning("%s/%s of run %s is unreadable or does not match; recomputing", folder, name, source)
+        value = compute()
+        local_dir.mkdir(parents=True, exist_ok=True)
+        path = local_dir / name
+        torch.save(value, path)
+        client.log_artifact(source, str(path), folder)
+        return value, False
+
+
 def teacher_train_logits(datamodule, workdir: Path, source: str, teacher_key: str, teacher: nn.Module,
                          suffix: str = "") -> torch.Tensor:
     """The teacher's logits for every training sample, in dataset order: fetched from the artefacts
     of the teacher's run `source` when an earlier student stored them, else computed and stored there."""
     name = f"train_logits{suffix}.pt"
-    client = MlflowClient()
     n = len(datamodule.train_set)
-    local_dir = workdir / ARTIFACT_DIR
-    with stage_lock(f"{teacher_key}/{name}"):
-        stored = {Path(f.path).name for f in client.list_artifacts(source, ARTIFACT_DIR)}
-        if name in stored:
-            local = mlflow.artifacts.download_artifacts(run_id=source, artifact_path=f"{ARTIFACT_DIR}/{name}",
-                                                        dst_path=str(local_dir))
-            try:
-                logits = torch.load(local, map_location="cpu", weights_only=True)
-            except Exception:  # a truncated or corrupt file: recompute below
-                logits = None
-            if isinstance(logits, torch.Tensor) and len(logits) == n:
-                mlflow.set_tag(CACHE_TAG, "reused")
-                log.info("distill: teacher logits reused from run %s", source)
-                return logits
-            log.warning("distill: cached teacher logits of run %s are unreadable or do not match the "
-                        "training set; recomputing", source)
-        logits = compute_logits(teacher, datamodule.train_set)
-        local_dir.mkdir(parents=True, exist_ok=True)
-        path = local_dir / name
-        torch.save(logits, path)
-        client.log_artifact(source, str(path), ARTIFACT_DIR)
-        mlflow.set_tag(CACHE_TAG, "computed")
-        return logits
+    def compute() -> torch.Tensor:
+        return compute_logits(teacher, datamodule.train_set)
+
+    logits, reused = stored_with_run(source, f"{teacher_key}/{name}", ARTIFACT_DIR, name,
+                                     workdir / ARTIFACT_DIR, compute,
+                                     lambda v: isinstance(v, torch.Tensor) and len(v) == n)
+    mlflow.set_tag(CACHE_TAG, "reused" if reused else "computed")
+    if reused:
+        log.info("distill: teacher logits reused from run %s", source)
+    return logits
 
 
 def cached_train_loader(datamodule, logits: torch.Tensor) -> DataLoader:

@@ -68,11 +68,13 @@ class Policy:
 
 
 def evaluate_policy(logits: list[torch.Tensor], y: torch.Tensor, costs: list[float], thresholds: list[float],
-                    criterion: str, conf: torch.Tensor | None = None) -> tuple[float, float, list[float]]:
-    """(accuracy, average cost per sample, share per exit) of `thresholds` on logits of every exit."""
+                    criterion: str, conf: torch.Tensor | None = None,
+                    pred: torch.Tensor | None = None) -> tuple[float, float, list[float]]:
+    """(accuracy, average cost per sample, share per exit) of `thresholds` on logits of every exit;
+    `conf` and `pred` (exits+1 x samples argmax) when the caller tries many thresholds."""
     conf = confidences(logits, criterion) if conf is None else conf
     where = route(conf, thresholds)
-    pred = torch.stack([z.argmax(-1) for z in logits])  # exits+1 x samples
+    pred = torch.stack([z.argmax(-1) for z in logits]) if pred is None else pred
     chosen = pred.gather(0, where[None])[0]
     acc = float((chosen == y).float().mean())
     counts = torch.bincount(where, minlength=len(logits)).float() / len(y)
@@ -87,24 +89,25 @@ def calibrate(logits: list[torch.Tensor], y: torch.Tensor, costs: list[float], m
     (every exit starts closed). `costs[i]`: the cost of a sample that leaves at exit i (the last:
     the final head)."""
     conf = confidences(logits, criterion)
+    pred = torch.stack([z.argmax(-1) for z in logits])
     n_exits = conf.shape[0]
     full_acc = float((logits[-1].argmax(-1) == y).float().mean())
     floor = full_acc - max_acc_drop / 100.0 - 1e-9
     qs = torch.linspace(0, 1, grid + 1)
     candidates = [sorted(set(torch.quantile(conf[e], qs).tolist())) + [NEVER] for e in range(n_exits)]
     thresholds = [NEVER] * n_exits
-    acc, cost, _ = evaluate_policy(logits, y, costs, thresholds, criterion, conf)
+    acc, cost, _ = evaluate_policy(logits, y, costs, thresholds, criterion, conf, pred)
     for _ in range(passes):
         changed = False
         for e in range(n_exits):
             for c in candidates[e]:
                 trial = [*thresholds[:e], c, *thresholds[e + 1:]]
-                a, k, _ = evaluate_policy(logits, y, costs, trial, criterion, conf)
+                a, k, _ = evaluate_policy(logits, y, costs, trial, criterion, conf, pred)
                 if a >= floor and (k < cost - 1e-9 or (abs(k - cost) <= 1e-9 and a > acc)):
                     thresholds, acc, cost, changed = trial, a, k, True
         if not changed:
             break
-    acc, cost, fractions = evaluate_policy(logits, y, costs, thresholds, criterion, conf)
+    acc, cost, fractions = evaluate_policy(logits, y, costs, thresholds, criterion, conf, pred)
     return Policy(criterion, thresholds, acc, full_acc, cost, float(costs[-1]), fractions)
 
 
@@ -113,8 +116,9 @@ def tradeoff_curve(logits: list[torch.Tensor], y: torch.Tensor, costs: list[floa
     """(threshold, average cost, accuracy) with one threshold shared by every exit, from every
     sample leaving at the first exit to none leaving early: the curve of the trade-off plot."""
     conf = confidences(logits, criterion)
+    pred = torch.stack([z.argmax(-1) for z in logits])
     out = []
     for t in torch.linspace(float(conf.min()), 1.0, points).tolist() + [NEVER]:
-        a, k, _ = evaluate_policy(logits, y, costs, [t] * conf.shape[0], criterion, conf)
+        a, k, _ = evaluate_policy(logits, y, costs, [t] * conf.shape[0], criterion, conf, pred)
         out.append((t, k, a))
     return out
