@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from kdpipe.compress.checks import check_compression
+from kdpipe.data.base import config_example
 from kdpipe.distill.checks import validate_distill
 from kdpipe.errors import ConfigError
 from kdpipe.exits import student_arch, with_exits
@@ -20,7 +21,7 @@ from kdpipe.limits import check_config
 from kdpipe.preflight import accelerator_problem, teacher_checkpoint_problem
 
 
-def _check_output_size(role: str, arch: dict, in_shape: tuple[int, ...], num_classes: int) -> None:
+def _check_output_size(role: str, arch: dict, example: torch.Tensor, num_classes: int, dims: int = 2) -> None:
     try:
         if arch.get("_target_") == "kdpipe.exits.with_exits":  # its ConfigError (a bad exit path) as raised
             model = with_exits(**{k: v for k, v in arch.items() if k != "_target_"}).eval()
@@ -31,8 +32,13 @@ def _check_output_size(role: str, arch: dict, in_shape: tuple[int, ...], num_cla
     except Exception as exc:
         raise ConfigError(f"{role}.model cannot be built from {arch.get('_target_')}: {exc}") from exc
     with torch.no_grad():
-        out = model(torch.zeros(2, *in_shape))
-    if out.dim() != 2 or out.shape[-1] != num_classes:
+        out = model(example)
+    if out.dim() != dims:
+        what = "next-token logits per position" if dims == 3 else "one row of class logits per sample"
+        raise ConfigError(f"the {role} outputs {tuple(out.shape[1:])} values per sample, but this data needs "
+                          f"{what}; pair language-model data (fortunes_lm, text_lm) with causal_lm models "
+                          f"and classification data with classifiers")
+    if out.shape[-1] != num_classes:
         raise ConfigError(
             f"the {role} outputs {tuple(out.shape[1:])} values per sample "
             f"but data.num_classes={num_classes}; "
@@ -47,8 +53,9 @@ def validate(cfg: DictConfig) -> None:
     if problem:
         raise ConfigError(problem)
     data = cfg.data
-    in_shape = (int(data.channels), int(data.height), int(data.width))
+    _, example = config_example(data)
     num_classes = int(data.num_classes)
+    dims = 3 if str(data.get("_target_", "")).endswith("LanguageModelDataModule") else 2
 
     check_config(cfg)  # the ranges, also checked on the command line before this module is imported
     check_compression(cfg)
@@ -59,6 +66,6 @@ def validate(cfg: DictConfig) -> None:
         if problem:
             raise ConfigError(problem)
         arch = OmegaConf.to_container(teacher.model, resolve=True)
-        _check_output_size("teacher", arch, in_shape, num_classes)
-    _check_output_size("student", student_arch(cfg), in_shape, num_classes)
+        _check_output_size("teacher", arch, example, num_classes, dims)
+    _check_output_size("student", student_arch(cfg), example, num_classes, dims)
     validate_distill(cfg)

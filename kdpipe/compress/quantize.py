@@ -69,7 +69,8 @@ class LoaderCalibrationReader(CalibrationDataReader):
         if batch is None:
             return None
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        x = x.detach().cpu().float() if isinstance(x, torch.Tensor) else torch.as_tensor(x)
+        x = x.detach().cpu() if isinstance(x, torch.Tensor) else torch.as_tensor(x)
+        x = x.float() if x.is_floating_point() else x  # token ids stay int64
         self.samples += int(x.shape[0])
         return {self.input_name: x.numpy()}
 

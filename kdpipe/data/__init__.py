@@ -11,10 +11,12 @@ from typing import TYPE_CHECKING, Any
 
 _MODULES = {"TensorDataModule": "base", "CIFARDataModule": "cifar", "DigitsDataModule": "digits",
             "IDXDataModule": "idx", "ImageFolderDataModule": "image_folder",
-            "SyntheticDataModule": "synthetic"}
+            "SyntheticDataModule": "synthetic", "TextDataModule": "text", "FortunesDataModule": "text",
+            "LanguageModelDataModule": "text"}
 
 __all__ = ["TensorDataModule", "CIFARDataModule", "DigitsDataModule", "IDXDataModule",
-           "ImageFolderDataModule", "SyntheticDataModule"]
+           "ImageFolderDataModule", "SyntheticDataModule", "TextDataModule", "FortunesDataModule",
+           "LanguageModelDataModule"]
 
 if TYPE_CHECKING:
     from kdpipe.data.base import TensorDataModule
@@ -23,6 +25,7 @@ if TYPE_CHECKING:
     from kdpipe.data.idx import IDXDataModule
     from kdpipe.data.image_folder import ImageFolderDataModule
     from kdpipe.data.synthetic import SyntheticDataModule
+    from kdpipe.data.text import FortunesDataModule, LanguageModelDataModule, TextDataModule
 
 
 def __getattr__(name: str) -> Any:

@@ -46,6 +46,16 @@ def splits_fingerprint(splits: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> 
     return digest.hexdigest()
 
 
+def config_example(data, batch: int = 2) -> tuple[tuple[int, ...], torch.Tensor]:
+    """(input shape, an example batch) from a `data` config, before any data is read: token ids of
+    `max_length` for text data (kdpipe.data.text), zero images of channels x height x width else."""
+    if data.get("max_length") is not None:
+        length = int(data.max_length)
+        return (length,), torch.full((batch, length), 4, dtype=torch.long)
+    shape = (int(data.channels), int(data.height), int(data.width))
+    return shape, torch.zeros(batch, *shape)
+
+
 class BatchTensorDataset(TensorDataset):
     """A loader's view of in-memory tensors that hands over a whole batch at once
     (`__getitems__`, one `index_select` per tensor) instead of one `__getitem__` per sample
@@ -108,6 +118,16 @@ class TensorDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
+        splits = self.make_splits()
+        self._check_shape(splits["train"])
+        splits["train"] = self._hide_labels(*splits["train"])
+        self.fingerprint = splits_fingerprint(splits)
+        self.mean, self.std = self._train_statistics(splits["train"][0])
+        self.set_splits({k: ((x - self.mean) / self.std, y) for k, (x, y) in splits.items()})
+
+    def make_splits(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """train/val/test as loaded: the data's own splits (`load_splits`), val drawn from train
+        with the seed when it has none; or `load()` split with the seed."""
         splits = self.load_splits()
         gen = torch.Generator().manual_seed(self.seed)
         if splits is None:
@@ -125,17 +145,17 @@ class TensorDataModule(pl.LightningDataModule):
             n_val = int(round(len(y) * self.val_fraction))
             splits["val"] = (x[perm[:n_val]], y[perm[:n_val]])
             splits["train"] = (x[perm[n_val:]], y[perm[n_val:]])
-        self._check_shape(splits["train"])
-        splits["train"] = self._hide_labels(*splits["train"])
-        self.fingerprint = splits_fingerprint(splits)
-        self.mean, self.std = self._train_statistics(splits["train"][0])
-        norm = {k: ((x - self.mean) / self.std, y) for k, (x, y) in splits.items()}
-        self.train_set = TensorDataset(*norm["train"])
-        labeled = norm["train"][1] != UNLABELED
+        return splits
+
+    def set_splits(self, splits: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """The datasets the loaders read, from the splits as the model sees them."""
+        self.train_set = TensorDataset(*splits["train"])
+        y = splits["train"][1]
+        labeled = (y != UNLABELED).reshape(len(y), -1).any(1)  # sequence targets: a row with any label
         self.labeled_set = (self.train_set if bool(labeled.all())
-                            else TensorDataset(*(t[labeled] for t in norm["train"])))
-        self.val_set = TensorDataset(*norm["val"])
-        self.test_set = TensorDataset(*norm["test"])
+                            else TensorDataset(*(t[labeled] for t in splits["train"])))
+        self.val_set = TensorDataset(*splits["val"])
+        self.test_set = TensorDataset(*splits["test"])
 
     def _hide_labels(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Hinton's transfer set: keep the labels of a seeded `labeled_fraction` of the training

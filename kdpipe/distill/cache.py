@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from kdpipe.errors import ConfigError
+from kdpipe.losses.token import topk_logits
 from kdpipe.tracking.store import stage_lock
 
 log = logging.getLogger("kdpipe")
@@ -55,10 +56,18 @@ def use_cache(mode, blockers: list[str]) -> bool:
 
 
 @torch.no_grad()
-def compute_logits(teacher: nn.Module, train_set: TensorDataset, batch_size: int = 512) -> torch.Tensor:
+def compute_logits(teacher: nn.Module, train_set: TensorDataset, batch_size: int = 512,
+                   topk: int | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The teacher's outputs on every training sample, in order. A language model's `(N, L, V)`
+    logits are kept in top-k form (`{"values", "indices"}`, kdpipe.losses.token.TopK) when `topk`
+    is set: a vocabulary's worth of floats per token would not fit on disk."""
     teacher.eval()
     loader = DataLoader(train_set, batch_size=batch_size, shuffle=False)
-    return torch.cat([teacher(batch[0]) for batch in loader])
+    outs = [teacher(batch[0]) for batch in loader]
+    if outs and outs[0].dim() == 3 and topk:
+        parts = [topk_logits(o, int(topk)) for o in outs]
+        return {"values": torch.cat([p.values for p in parts]), "indices": torch.cat([p.indices for p in parts])}
+    return torch.cat(outs)
 
 
 def stored_with_run(source: str, lock_key: str, folder: str, name: str, local_dir: Path,
@@ -88,25 +97,35 @@ def stored_with_run(source: str, lock_key: str, folder: str, name: str, local_di
 
 
 def teacher_train_logits(datamodule, workdir: Path, source: str, teacher_key: str, teacher: nn.Module,
-                         suffix: str = "") -> torch.Tensor:
+                         suffix: str = "", topk: int | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
     """The teacher's logits for every training sample, in dataset order: fetched from the artefacts
-    of the teacher's run `source` when an earlier student stored them, else computed and stored there."""
-    name = f"train_logits{suffix}.pt"
+    of the teacher's run `source` when an earlier student stored them, else computed and stored there.
+    A language model's are stored as its top `topk` logits per token (`train_logits_top<k>.pt`)."""
+    sequences = getattr(datamodule, "kind", "") == "lm"
+    topk = int(topk) if sequences and topk else None
+    name = f"train_logits{suffix}{f'_top{topk}' if topk else ''}.pt"
     n = len(datamodule.train_set)
-    def compute() -> torch.Tensor:
-        return compute_logits(teacher, datamodule.train_set)
+
+    def compute():
+        return compute_logits(teacher, datamodule.train_set, topk=topk)
+
+    def valid(v) -> bool:
+        if isinstance(v, dict):
+            return set(v) == {"values", "indices"} and len(v["values"]) == n
+        return isinstance(v, torch.Tensor) and len(v) == n
 
     logits, reused = stored_with_run(source, f"{teacher_key}/{name}", ARTIFACT_DIR, name,
-                                     workdir / ARTIFACT_DIR, compute,
-                                     lambda v: isinstance(v, torch.Tensor) and len(v) == n)
+                                     workdir / ARTIFACT_DIR, compute, valid)
     mlflow.set_tag(CACHE_TAG, "reused" if reused else "computed")
     if reused:
         log.info("distill: teacher logits reused from run %s", source)
     return logits
 
 
-def cached_train_loader(datamodule, logits: torch.Tensor) -> DataLoader:
-    """The training loader with the teacher's logits as a third column: shuffled together with
-    the images (same seeded order as the plain loader), so they always stay aligned."""
+def cached_train_loader(datamodule, logits: torch.Tensor | dict[str, torch.Tensor]) -> DataLoader:
+    """The training loader with the teacher's logits as a third column (top-k values and indices as
+    third and fourth): shuffled together with the inputs (same seeded order as the plain loader),
+    so they always stay aligned."""
     x, y = datamodule.train_set.tensors
-    return datamodule._loader(TensorDataset(x, y, logits), shuffle=True)
+    columns = (logits["values"], logits["indices"]) if isinstance(logits, dict) else (logits,)
+    return datamodule._loader(TensorDataset(x, y, *columns), shuffle=True)

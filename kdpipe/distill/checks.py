@@ -3,10 +3,10 @@ path, an impossible cache request or a bad scheme option fails in a second, not 
 
 from __future__ import annotations
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kdpipe.data.augment import build_augmentation
+from kdpipe.data.base import config_example
 from kdpipe.distill.schemes import DistillJob
 from kdpipe.errors import ConfigError, build
 from kdpipe.exits import student_arch
@@ -21,7 +21,7 @@ def _model(node: DictConfig):
 def validate_distill(cfg: DictConfig) -> None:
     """Raise `ConfigError` on the first problem of the distill scheme's config."""
     data, dcfg = cfg.data, cfg.distill
-    in_shape = (int(data.channels), int(data.height), int(data.width))
+    in_shape, example = config_example(data)
     spec = data.get("augment")
     augment = build_augmentation(OmegaConf.to_container(spec, resolve=True) if spec else [], in_shape,
                                  int(data.num_classes))
@@ -39,5 +39,5 @@ def validate_distill(cfg: DictConfig) -> None:
     check = getattr(scheme, "check", None)
     if check is not None:
         arch = student_arch(cfg)
-        job = DistillJob(dcfg, arch, int(data.num_classes), torch.zeros(2, *in_shape), augment)
+        job = DistillJob(dcfg, arch, int(data.num_classes), example, augment)
         check(job, build_model(arch), _model(cfg.teacher) if needs_teacher else None)

@@ -127,8 +127,11 @@ class Offline:
     needs_teacher = True
 
     def __init__(self, cache_teacher: str | bool = "auto", chain: Sequence[dict] = (),
-                 capacity_gap_fraction: float = 0.05, ensemble_temperature: float | None = None) -> None:
+                 capacity_gap_fraction: float = 0.05, ensemble_temperature: float | None = None,
+                 cache_topk: int = 64) -> None:
         self.cache_teacher = str(cache_teacher).lower()
+        self.cache_topk = limits.positive_int(cache_topk, "distill.scheme.cache_topk",
+                                              "the teacher logits kept per token of a language model")
         use_cache(self.cache_teacher, [])  # the mode's spelling is checked here, its feasibility in check()
         if isinstance(chain, ListConfig):  # `_recursive_: false` hands the model configs over unbuilt
             chain = OmegaConf.to_container(chain, resolve=True)
@@ -179,7 +182,7 @@ class Offline:
                                                         bool(self.chain))):
             suffix = f"_T{teacher.temperature:g}" if isinstance(teacher, EnsembleTeacher) else ""
             logits = teacher_train_logits(job.datamodule, job.workdir, job.teacher_run_id, job.teacher_key,
-                                          teacher, suffix)
+                                          teacher, suffix, self.cache_topk)
             loader = cached_train_loader(job.datamodule, logits)
         else:
             mlflow.set_tag(CACHE_TAG, "off")

@@ -1,5 +1,6 @@
 """Distillation loss terms, one file per family (Gou et al. 2021's taxonomy): `response`
-(labels and logits), `feature` (intermediate layers), `relation` (sample-to-sample structure).
+(labels and logits), `feature` (intermediate layers), `relation` (sample-to-sample structure),
+`token` (language models' per-token divergences).
 
 Each term is one idea and returns one unweighted scalar; `WeightedSum` builds the loss from
 `distill.terms` (`{name: {_target_, weight, ...}}`) and the training module logs every weighted
@@ -21,8 +22,10 @@ from kdpipe.losses.response import (
     TargetClassKD,
     soft_kl,
 )
+from kdpipe.losses.token import ForwardKL, GeneralizedJSD, ReverseKL, SkewKL, TopK, token_rows
 
-__all__ = ["AttentionTransfer", "ContrastiveRepresentation", "CrossEntropy", "DistillOutputs", "Hint",
-           "InterClassRelation", "IntraClassRelation", "LogitStandardizedKL", "LossTerm", "NonTargetClassKD",
-           "RKDAngle", "RKDDistance", "SimilarityPreserving", "SoftTargetKL", "TargetClassKD", "WeightL1",
-           "WeightedSum", "soft_kl"]
+__all__ = ["AttentionTransfer", "ContrastiveRepresentation", "CrossEntropy", "DistillOutputs",
+           "ForwardKL", "GeneralizedJSD", "Hint", "InterClassRelation", "IntraClassRelation",
+           "LogitStandardizedKL", "LossTerm", "NonTargetClassKD", "RKDAngle", "RKDDistance",
+           "ReverseKL", "SimilarityPreserving", "SkewKL", "SoftTargetKL", "TargetClassKD", "TopK",
+           "WeightL1", "WeightedSum", "soft_kl", "token_rows"]

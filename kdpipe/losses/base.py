@@ -141,6 +141,8 @@ class WeightedSum(nn.Module):
             terms = OmegaConf.to_container(terms, resolve=True)
         built, weights = {}, {}
         for name, spec in (terms or {}).items():
+            if spec is None:  # a term a scheme file removes from the one it extends (`kd: null`)
+                continue
             if not isinstance(spec, Mapping) or "_target_" not in spec:
                 raise ConfigError(f"distill.terms.{name} must be a mapping with a _target_ "
                                   f"(the term's class) and a weight, got {spec!r}")

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from kdpipe import limits
 from kdpipe.losses.base import DistillOutputs, LossTerm, hard_labels, label_cross_entropy
+from kdpipe.losses.token import TopK, log_probs
 
 
 def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -16,8 +17,11 @@ def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     the gradients of the softened term scale as 1/T^2, so multiplying by T^2 keeps its
     contribution comparable to the hard-label term when T changes.
     """
-    log_p_s = F.log_softmax(student_logits / temperature, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits / temperature, dim=-1)
+    if isinstance(teacher_logits, TopK):  # a language model teacher's cached top-k (kdpipe.losses.token)
+        log_p_s, log_p_t = log_probs(student_logits, teacher_logits, temperature)
+    else:
+        log_p_s = F.log_softmax(student_logits / temperature, dim=-1)
+        log_p_t = F.log_softmax(teacher_logits / temperature, dim=-1)
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * temperature**2
 
 

@@ -12,6 +12,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
+from kdpipe.losses.token import token_rows
+
 
 def flops_per_sample(model: nn.Module, example: torch.Tensor) -> int:
     """FLOPs of one forward pass on one sample, counted by `torch.utils.flop_counter`
@@ -23,11 +25,14 @@ def flops_per_sample(model: nn.Module, example: torch.Tensor) -> int:
 
 
 def torch_logits(model: nn.Module, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's outputs on every batch and the targets; a language model's as one row per real
+    token (kdpipe.losses.token_rows), so accuracy is next-token accuracy."""
     model = model.eval()
     outs, targets = [], []
     with torch.no_grad():
         for x, y in loader:
-            outs.append(model(x))
+            out, y = token_rows(model(x), y)
+            outs.append(out)
             targets.append(y)
     return torch.cat(outs), torch.cat(targets)
 
@@ -41,12 +46,13 @@ def ort_session(path: str | Path, threads: int = 1) -> ort.InferenceSession:
 
 
 def onnx_logits(path: str | Path, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run an ONNX model (fp32 or int8) on every batch with ONNX Runtime."""
+    """Run an ONNX model (fp32 or int8) on every batch with ONNX Runtime (rows as `torch_logits`)."""
     session = ort_session(path, threads=0)
     name = session.get_inputs()[0].name
     outs, targets = [], []
     for x, y in loader:
-        outs.append(torch.from_numpy(session.run(None, {name: x.numpy()})[0]))
+        out, y = token_rows(torch.from_numpy(session.run(None, {name: x.numpy()})[0]), y)
+        outs.append(out)
         targets.append(y)
     return torch.cat(outs), torch.cat(targets)
 

@@ -116,3 +116,17 @@ def count_params(model: nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     nonzero = sum(int(torch.count_nonzero(p)) for p in model.parameters())
     return total, nonzero
+
+
+def transformer_classifier(in_shape: Sequence[int], num_classes: int, **kwargs) -> nn.Module:
+    """A transformer encoder classifier over token ids (kdpipe.models.text; imports transformers)."""
+    from kdpipe.models.text import transformer_classifier as build
+
+    return build(in_shape, num_classes, **kwargs)
+
+
+def causal_lm(in_shape: Sequence[int], num_classes: int, **kwargs) -> nn.Module:
+    """A GPT-2-style causal language model over token ids (kdpipe.models.text; imports transformers)."""
+    from kdpipe.models.text import causal_lm as build
+
+    return build(in_shape, num_classes, **kwargs)

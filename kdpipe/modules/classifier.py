@@ -4,6 +4,7 @@ baseline, and the base of the distillation module."""
 from __future__ import annotations
 
 import functools
+import math
 
 import pytorch_lightning as pl
 import torch
@@ -13,13 +14,29 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from kdpipe.exits.model import exit_terms
 from kdpipe.losses.base import label_cross_entropy
+from kdpipe.losses.token import token_rows
 from kdpipe.training import Optim
+
+
+class _Sum:
+    """Token-weighted sum of the validation loss over an epoch (a language model's perplexity)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def update(self, nll: torch.Tensor, n: int) -> None:
+        self.nll, self.total = self.nll + float(nll), self.total + n
+
+    def reset(self) -> None:
+        self.nll, self.total = 0.0, 0
 
 
 class ClassifierModule(pl.LightningModule):
     """Holds one model, its optimiser settings and its metrics.
 
-    Logs per epoch `train/loss`, `val/loss`, `val/acc`, and `test/acc` on `trainer.test`.
+    Logs per epoch `train/loss`, `val/loss`, `val/acc`, and `test/acc` on `trainer.test`. A language
+    model (logits `(B, L, V)`, next-token targets `(B, L)`) is trained and measured per real token:
+    accuracy is next-token accuracy, and `val/ppl` its perplexity.
     Subclasses override `training_loss` to return named loss terms; their sum is the loss.
     """
 
@@ -31,6 +48,7 @@ class ClassifierModule(pl.LightningModule):
         self.optim = optim or Optim(functools.partial(torch.optim.AdamW, lr=1e-3))
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.val_nll = _Sum()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -44,7 +62,7 @@ class ClassifierModule(pl.LightningModule):
         return batch
 
     def training_loss(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"ce": label_cross_entropy(self.model(x), y)}
+        return {"ce": label_cross_entropy(*token_rows(self.model(x), y))}
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -66,16 +84,23 @@ class ClassifierModule(pl.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        x, y = batch
-        logits = self(x)
+        logits, y = token_rows(self(batch[0]), batch[1])  # a language model: one row per real token
         self.val_acc(logits, y)
-        self.log("val/loss", F.cross_entropy(logits, y), on_epoch=True, batch_size=x.shape[0], sync_dist=True)
-        self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True, batch_size=x.shape[0])
+        loss = F.cross_entropy(logits, y)
+        self.log("val/loss", loss, on_epoch=True, batch_size=len(y), sync_dist=True)
+        self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True, batch_size=len(y))
+        if batch[1].dim() == 2:  # next-token targets: perplexity, the token-weighted mean loss exponentiated
+            self.val_nll.update(loss.detach() * len(y), len(y))
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_nll.total > 0:
+            self.log("val/ppl", math.exp(min(self.val_nll.nll / self.val_nll.total, 50.0)), sync_dist=True)
+        self.val_nll.reset()
 
     def test_step(self, batch, batch_idx: int) -> None:
-        x, y = batch
-        self.test_acc(self(x), y)
-        self.log("test/acc", self.test_acc, on_epoch=True, batch_size=x.shape[0])
+        logits, y = token_rows(self(batch[0]), batch[1])
+        self.test_acc(logits, y)
+        self.log("test/acc", self.test_acc, on_epoch=True, batch_size=len(y))
 
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from kdpipe.losses.base import DistillOutputs, WeightedSum, find_module
+from kdpipe.losses.token import TopK, token_rows
 from kdpipe.modules.classifier import ClassifierModule
 from kdpipe.training import Optim
 
@@ -64,6 +65,10 @@ class DistillationModule(ClassifierModule):
         if len(batch) == 3:  # (x, y, teacher logits precomputed by kdpipe.distill.cache)
             x, y, self._cached_logits = batch
             batch = (x, y)
+        elif len(batch) == 4:  # a language model teacher's top-k logits: (x, y, values, token ids)
+            x, y, values, indices = batch
+            self._cached_logits = TopK(values, indices)
+            batch = (x, y)
         return super().training_step(batch, batch_idx)
 
     def training_loss(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -73,7 +78,8 @@ class DistillationModule(ClassifierModule):
         else:
             with torch.no_grad():
                 teacher_logits = self.teacher(x)
-        student_logits = self.model(x)
+        # a language model's outputs become one row per real token (padding dropped)
+        student_logits, y, teacher_logits = token_rows(self.model(x), y, teacher_logits)
         self._exit_teacher = teacher_logits  # early exits of the student may learn from it too
         out = DistillOutputs(student_logits, teacher_logits, y, self.student_hooks.pop(),
                              self.teacher_hooks.pop())

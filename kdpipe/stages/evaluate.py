@@ -10,6 +10,7 @@ from pathlib import Path
 
 import mlflow
 import torch
+import torch.nn.functional as F
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from torchmetrics.functional.classification import multiclass_calibration_error
@@ -27,10 +28,15 @@ from kdpipe.stages.base import PipelineContext, StageOutput, StageRun, run_stage
 LATENCY_RUNTIME = "onnxruntime-cpu-1thread"
 
 
-def split_metrics(split: str, logits: torch.Tensor, target: torch.Tensor, num_classes: int) -> dict:
-    """Accuracy and expected calibration error (15 bins) of one split's logits."""
+def split_metrics(split: str, logits: torch.Tensor, target: torch.Tensor, num_classes: int,
+                  perplexity: bool = False) -> dict:
+    """Accuracy and expected calibration error (15 bins) of one split's logits (a language model's:
+    per token, with its perplexity, exp of the mean next-token cross-entropy)."""
     ece = multiclass_calibration_error(logits.softmax(-1), target, num_classes, n_bins=15)
-    return {f"{split}/acc": float((logits.argmax(-1) == target).float().mean()), f"{split}/ece": float(ece)}
+    out = {f"{split}/acc": float((logits.argmax(-1) == target).float().mean()), f"{split}/ece": float(ece)}
+    if perplexity:
+        out[f"{split}/ppl"] = float(torch.exp(F.cross_entropy(logits.float(), target)))
+    return out
 
 
 def measure(ctx: PipelineContext, out: StageOutput) -> dict[str, float]:
@@ -48,7 +54,8 @@ def measure(ctx: PipelineContext, out: StageOutput) -> dict[str, float]:
         onnx_path = export_onnx(torch_model, example, ctx.workdir / "evaluate" / f"{out.stage}.onnx")
     accuracy, dm = {}, ctx.datamodule
     for split, loader in (("test", dm.test_dataloader()), ("val", dm.val_dataloader())):
-        accuracy.update(split_metrics(split, *logits_of(loader), ctx.num_classes))
+        accuracy.update(split_metrics(split, *logits_of(loader), ctx.num_classes,
+                                      getattr(dm, "kind", "") == "lm"))
     params, nonzero = count_params(torch_model)
     lat = onnx_latency_ms(onnx_path, example, warmup=int(ecfg.latency_warmup), iters=int(ecfg.latency_iters))
     thr = onnx_latency_ms(onnx_path, example, warmup=3, iters=max(5, int(ecfg.latency_iters) // 10),

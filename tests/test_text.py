@@ -1,0 +1,313 @@
+"""Text: data sources and the cached tokenizer, transformer models by config, the token-level
+divergences pinned to hand-computed values with padding, the top-k teacher cache, and real
+pipelines on small text files (a classifier and a causal language model)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from kdpipe.data import FortunesDataModule, LanguageModelDataModule, TextDataModule
+from kdpipe.data.base import UNLABELED
+from kdpipe.distill.cache import cached_train_loader, compute_logits
+from kdpipe.errors import ConfigError
+from kdpipe.losses import DistillOutputs, ForwardKL, GeneralizedJSD, ReverseKL, SkewKL, SoftTargetKL, TopK
+from kdpipe.losses.token import log_probs, topk_logits
+from kdpipe.models import causal_lm, transformer_classifier
+
+from .conftest import run_cli, stage_runs
+
+WORDS = {0: "cpu kernel compiler byte cache thread socket", 1: "senate vote law election party court",
+         2: "atom quantum cell gene orbit physics"}
+
+
+def topic_texts(n: int = 120, seed: int = 0) -> list[tuple[str, int]]:
+    """Short 'documents' of three topics, each a few words of its topic's vocabulary."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        label = i % 3
+        words = WORDS[label].split()
+        picks = torch.randint(0, len(words), (6,), generator=g).tolist()
+        out.append((" ".join(words[j] for j in picks), label))
+    return out
+
+
+def write_csv(path, rows) -> None:
+    path.write_text("text,label\n" + "".join(f'"{t}",{y}\n' for t, y in rows))
+
+
+# ---------------------------------------------------------------------------------------------
+# The token-level divergences: a teacher (0.8, 0.2) and a student (0.5, 0.5) at the first
+# position, identical distributions at the second, and a padding position whose outputs differ
+# wildly and must not count. Per-token values by hand (natural log):
+#   forward KL  = 0.8 ln(0.8/0.5) + 0.2 ln(0.2/0.5)                              = 0.192745
+#   reverse KL  = 0.5 ln(0.5/0.8) + 0.5 ln(0.5/0.2)                              = 0.223144
+#   JSD(0.5)    = 0.5 KL(t || m) + 0.5 KL(s || m), m = (0.65, 0.35)              = 0.050672
+#   skew KL     = KL(t || 0.1 t + 0.9 s) = KL((0.8, 0.2) || (0.53, 0.47))       = 0.158505
+#   skew rev KL = KL(s || 0.1 s + 0.9 t) = KL((0.5, 0.5) || (0.77, 0.23))       = 0.172373
+# and each term averages over the two real tokens, so the expected value is half of these.
+
+
+def padded_pair() -> DistillOutputs:
+    t = torch.log(torch.tensor([[[0.8, 0.2], [0.3, 0.7], [0.999, 0.001]]]))
+    s = torch.log(torch.tensor([[[0.5, 0.5], [0.3, 0.7], [0.001, 0.999]]]))
+    target = torch.tensor([[0, 1, UNLABELED]])
+    return DistillOutputs(s, t, target)
+
+
+@pytest.mark.parametrize(("term", "per_token"), [
+    (ForwardKL(), 0.192745), (ReverseKL(), 0.223144), (GeneralizedJSD(beta=0.5), 0.050672),
+    (SkewKL(alpha=0.1), 0.158505), (SkewKL(alpha=0.1, reverse=True), 0.172373),
+])
+def test_each_token_divergence_matches_its_hand_computed_value_with_padding_masked(term, per_token):
+    assert float(term(padded_pair())) == pytest.approx(per_token / 2, abs=1e-5)
+
+
+def test_token_divergences_are_zero_for_equal_distributions_and_check_their_keys():
+    out = padded_pair()
+    same = DistillOutputs(out.teacher_logits, out.teacher_logits, out.target)
+    for term in (ForwardKL(), ReverseKL(), GeneralizedJSD(), SkewKL(), SkewKL(reverse=True)):
+        assert float(term(same)) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ConfigError, match="strictly between 0 and 1.*ForwardKL"):
+        GeneralizedJSD(beta=1.0)
+    with pytest.raises(ConfigError, match=r"\[0, 1\)"):
+        SkewKL(alpha=1.0)
+
+
+def test_topk_teacher_round_trips_and_renormalises_over_its_tokens(tmp_path):
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 10)
+    top = topk_logits(logits, 4)
+    assert top.values.dtype == torch.float16 and top.indices.dtype == torch.int32
+    torch.save({"values": top.values, "indices": top.indices}, tmp_path / "top.pt")
+    back = torch.load(tmp_path / "top.pt", weights_only=True)
+    assert torch.equal(back["values"], top.values) and torch.equal(back["indices"], top.indices)
+    # the k largest, in order, with their token ids
+    assert torch.equal(back["indices"].long(), logits.topk(4, -1).indices)
+    # renormalised over the k tokens: a proper distribution, the teacher's ratios kept
+    student = torch.randn(3, 5, 10)
+    log_s, log_t = log_probs(student, TopK(back["values"], back["indices"]))
+    assert torch.allclose(log_t.exp().sum(-1), torch.ones(3, 5), atol=1e-3)
+    assert torch.allclose(log_s.exp().sum(-1), torch.ones(3, 5), atol=1e-5)
+    ratio = (logits.topk(4, -1).values[..., 0] - logits.topk(4, -1).values[..., 1]).exp()
+    assert torch.allclose((log_t[..., 0] - log_t[..., 1]).exp(), ratio, rtol=1e-2)
+    # with every token kept the top-k form gives the exact divergence, also through SoftTargetKL
+    full = topk_logits(logits, 10)
+    target = torch.zeros(3, 5, dtype=torch.long)
+    exact = ForwardKL()(DistillOutputs(student, logits, target))
+    assert float(ForwardKL()(DistillOutputs(student, TopK(full.values, full.indices), target))) == \
+        pytest.approx(float(exact), abs=2e-3)
+    kd = SoftTargetKL(temperature=1.0)
+    rows = DistillOutputs(student.reshape(15, 10), TopK(full.values.reshape(15, 10), full.indices.reshape(15, 10)),
+                          target.reshape(15))
+    assert float(kd(rows)) == pytest.approx(float(exact), abs=2e-3)
+
+
+def test_the_teacher_cache_of_a_language_model_keeps_top_k_and_feeds_it_aligned(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDPIPE_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "corpus.txt").write_text("\n\n".join(t for t, _ in topic_texts(40)))
+    dm = LanguageModelDataModule(path=str(tmp_path / "corpus.txt"), max_length=12, vocab_size=300, batch_size=8)
+    dm.setup()
+    teacher = causal_lm([12], 300, layers=1, width=16, heads=2).eval()
+    cached = compute_logits(teacher, dm.train_set, topk=5)
+    assert set(cached) == {"values", "indices"} and cached["values"].shape == (len(dm.train_set), 12, 5)
+    x, y, values, indices = next(iter(cached_train_loader(dm, cached)))
+    with torch.no_grad():
+        direct = teacher(x).topk(5, -1)
+    assert torch.allclose(values.float(), direct.values, atol=1e-2)
+    assert torch.equal(indices.long(), direct.indices)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def test_text_sources_csv_jsonl_folders_and_datasets_give_the_same_samples(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDPIPE_CACHE_DIR", str(tmp_path / "cache"))
+    rows = topic_texts(60)
+    write_csv(tmp_path / "d.csv", rows)
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows))
+    names = ["cpu", "law", "physics"]
+    for i, (t, y) in enumerate(rows):
+        (tmp_path / "folder" / names[y]).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "folder" / names[y] / f"{i:03d}.txt").write_text(t)
+    from datasets import Dataset
+
+    Dataset.from_dict({"text": [t for t, _ in rows], "label": [y for _, y in rows]}).save_to_disk(
+        str(tmp_path / "hf"))
+    sizes = {}
+    for source in ("d.csv", "d.jsonl", "folder", "hf"):
+        dm = TextDataModule(path=str(tmp_path / source), num_classes=3, max_length=8, vocab_size=300, seed=0)
+        dm.setup()
+        x, y = dm.train_set.tensors
+        assert x.dtype == torch.long and x.shape[1] == 8 and y.max() == 2
+        assert (x[:, 0] != 0).all()  # every text has tokens; padding is id 0
+        sizes[source] = (len(dm.train_set), len(dm.val_set), len(dm.test_set))
+    assert len(set(sizes.values())) == 1, sizes
+    # the class folders name the classes
+    assert dm.classes is None
+    folder = TextDataModule(path=str(tmp_path / "folder"), num_classes=3, max_length=8, vocab_size=300)
+    folder.setup()
+    assert folder.classes == names
+
+
+def test_the_tokenizer_is_trained_on_the_training_split_once_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDPIPE_CACHE_DIR", str(tmp_path / "cache"))
+    write_csv(tmp_path / "d.csv", topic_texts(60))
+    first = TextDataModule(path=str(tmp_path / "d.csv"), num_classes=3, max_length=8, vocab_size=300)
+    first.setup()
+    second = TextDataModule(path=str(tmp_path / "d.csv"), num_classes=3, max_length=8, vocab_size=300)
+    second.setup()
+    assert first.tokenizer_cached is False and second.tokenizer_cached is True
+    assert torch.equal(first.train_set.tensors[0], second.train_set.tensors[0])
+    assert first.fingerprint == second.fingerprint
+    # a user's tokenizer file is used as it is
+    first.tokenizer.save(str(tmp_path / "tok.json"))
+    mine = TextDataModule(path=str(tmp_path / "d.csv"), num_classes=3, max_length=8, vocab_size=300,
+                          tokenizer=str(tmp_path / "tok.json"))
+    mine.setup()
+    assert torch.equal(mine.test_set.tensors[0], first.test_set.tensors[0])
+
+
+def test_bad_text_sources_fail_with_what_to_do(tmp_path):
+    with pytest.raises(ConfigError, match="data.path is not set"):
+        TextDataModule(path=None, num_classes=2).setup()
+    with pytest.raises(ConfigError, match="does not exist"):
+        TextDataModule(path=str(tmp_path / "nope.csv"), num_classes=2).setup()
+    (tmp_path / "d.csv").write_text("body,y\nhello,0\n")
+    with pytest.raises(ConfigError, match="data.text_key and data.label_key"):
+        TextDataModule(path=str(tmp_path / "d.csv"), num_classes=2).setup()
+    write_csv(tmp_path / "e.csv", topic_texts(30))
+    with pytest.raises(ConfigError, match="set data.num_classes=3"):
+        TextDataModule(path=str(tmp_path / "e.csv"), num_classes=2).setup()
+    with pytest.raises(ConfigError, match="augmentations are for images"):
+        TextDataModule(path=str(tmp_path / "e.csv"), num_classes=3, augment=["crop"])
+    with pytest.raises(ConfigError, match="no tokenizer.json"):
+        TextDataModule(path=str(tmp_path / "e.csv"), num_classes=3, tokenizer=str(tmp_path / "tok")).setup()
+
+
+def test_fortunes_are_read_from_their_files_and_a_missing_package_names_the_install(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDPIPE_CACHE_DIR", str(tmp_path / "cache"))
+    root = tmp_path / "fortunes"
+    (root / "de").mkdir(parents=True)
+    (root / "computers").write_text("%\n".join(f"The computer {i} crashed again.\n" for i in range(30)))
+    (root / "de" / "witze").write_text("%\n".join(f"Der Rechner {i} ist wieder abgestürzt.\n" for i in range(30)))
+    (root / "de" / "witze.dat").write_bytes(b"\x00\x01binary index")
+    (root / "de" / "witze.u8").write_text("duplicate\n%\n")
+    dm = FortunesDataModule(root=str(root), classes={"en": ["computers"], "de": ["de"]}, num_classes=2,
+                            max_length=16, vocab_size=300, max_per_class=25)
+    dm.setup()
+    n = len(dm.train_set) + len(dm.val_set) + len(dm.test_set)
+    assert n == 50 and dm.classes == ["de", "en"]
+    text = dm.tokenizer.decode(dm.train_set.tensors[0][0].tolist())
+    assert "Rechner" in text or "computer" in text
+    with pytest.raises(ConfigError, match="apt-get install -y fortunes"):
+        FortunesDataModule(root=str(root), classes={"en": ["computers"], "ru": ["ru"]}, num_classes=2).setup()
+
+
+def test_language_model_data_predicts_the_next_token_and_masks_padding(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDPIPE_CACHE_DIR", str(tmp_path / "cache"))
+    docs = ["cpu", *(t for t, _ in topic_texts(19))]
+    (tmp_path / "c.txt").write_text("\n\n".join(docs))
+    dm = LanguageModelDataModule(path=str(tmp_path / "c.txt"), max_length=6, vocab_size=300)
+    dm.setup()
+    x, y = (torch.cat(t) for t in zip(dm.train_set.tensors, dm.val_set.tensors, dm.test_set.tensors))
+    assert x.shape == y.shape == (20, 6)
+    for row_x, row_y in zip(x, y):
+        assert row_x[0] == 1  # <bos>
+        shifted = row_x[1:] != 0
+        assert torch.equal(row_x[1:][shifted], row_y[:-1][shifted])  # targets are the inputs shifted
+        last = int((row_y != UNLABELED).sum()) - 1
+        assert row_y[last] == 2 or last == 5  # <eos> ends a document that fits
+    short = x[:, -1] == 0
+    assert short.any() and (y[short, -1] == UNLABELED).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+def test_transformer_models_are_built_from_config_with_hookable_module_paths():
+    clf = transformer_classifier([16], 3, vocab_size=50, layers=2, width=32, heads=4)
+    paths = dict(clf.named_modules())
+    assert "encoder.layer.1" in paths and "classifier" in paths
+    ids = torch.randint(4, 50, (2, 16))
+    padded = ids.clone()
+    padded[0, 8:] = 0
+    clf.eval()
+    assert clf(ids).shape == (2, 3)
+    # padding is masked: what follows the last real token does not change the output
+    other = padded.clone()
+    other[0, 8:] = 0
+    assert torch.allclose(clf(padded), clf(other))
+    lm = causal_lm([16], 50, layers=2, width=32, heads=4).eval()
+    assert "transformer.h.1" in dict(lm.named_modules())
+    out = lm(ids)
+    assert out.shape == (2, 16, 50)
+    # causal: a later token does not change an earlier position's prediction
+    changed = ids.clone()
+    changed[:, 10] = 7
+    assert torch.allclose(lm(changed)[:, :10], out[:, :10], atol=1e-5)
+    with pytest.raises(ConfigError, match="not a multiple of model.heads"):
+        transformer_classifier([16], 3, vocab_size=50, width=30, heads=4)
+    with pytest.raises(ConfigError, match="no config.json"):
+        causal_lm([16], 50, pretrained="/nonexistent")
+
+
+def test_a_saved_pretrained_encoder_loads_from_a_local_folder(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    encoder = BertModel(BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=32, max_position_embeddings=16), add_pooling_layer=False)
+    encoder.save_pretrained(tmp_path / "enc")
+    clf = transformer_classifier([16], 3, pretrained=str(tmp_path / "enc"))
+    assert torch.equal(clf.embeddings.word_embeddings.weight, encoder.embeddings.word_embeddings.weight)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipelines
+
+TEXT_FAST = ["trainer.max_epochs=2", "trainer.enable_progress_bar=false", "eval.latency_iters=5",
+             "eval.latency_warmup=1", "data.max_length=12", "data.vocab_size=300", "optim.lr=0.003",
+             "teacher.model.layers=1", "teacher.model.width=32", "teacher.model.heads=2",
+             "student.model.width=16", "student.model.layers=1"]
+
+
+def test_a_text_classifier_runs_every_stage_and_logs_them(store, tmp_path):
+    write_csv(tmp_path / "topics.csv", topic_texts(150))
+    cmd = ["data=text_files", f"data.path={tmp_path / 'topics.csv'}", "data.num_classes=3",
+           "teacher=transformer", "student=transformer_small", "prune=magnitude", "quantize=dynamic",
+           *TEXT_FAST]
+    proc = run_cli(cmd, tmp_path, {"KDPIPE_CACHE_DIR": str(tmp_path / "cache")}, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = {r.info.run_name.split("-")[0] if r.data.tags.get("kdpipe.stage") is None else r.data.tags["kdpipe.stage"]: r
+            for r in stage_runs()}
+    for stage in ("teacher", "distill", "prune", "quantize", "evaluate"):
+        assert stage in runs, sorted(runs)
+    teacher = runs["teacher"].data.metrics
+    assert teacher["test/acc"] > 0.6  # three separable topics: far above chance (1/3)
+    assert runs["quantize"].data.metrics["test/acc"] > 0.5
+
+
+def test_a_causal_language_model_is_distilled_token_by_token_and_logs_perplexity(store, tmp_path):
+    (tmp_path / "corpus.txt").write_text("\n\n".join(t for t, _ in topic_texts(120)))
+    cmd = ["data=text_lm", f"data.path={tmp_path / 'corpus.txt'}", "teacher=causal_lm",
+           "student=causal_lm_small", "distill=lm_jsd", "distill.scheme.cache_topk=8", "prune=none",
+           "quantize=dynamic", *TEXT_FAST]
+    proc = run_cli(cmd, tmp_path, {"KDPIPE_CACHE_DIR": str(tmp_path / "cache")}, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = {r.data.tags.get("kdpipe.stage"): r for r in stage_runs()}
+    distill = runs["distill"]
+    assert distill.data.tags["kdpipe.teacher_cache"] == "computed"
+    assert "train/loss_div" in distill.data.metrics and "val/ppl" in distill.data.metrics
+    client = MlflowClient()
+    stored = [f.path for f in client.list_artifacts(runs["teacher"].info.run_id, "teacher_outputs")]
+    assert stored == ["teacher_outputs/train_logits_top8.pt"]
+    ppl = distill.data.metrics["test/ppl"]
+    assert 1.0 < ppl < 300  # below a uniform guess over the vocabulary
+    assert math.isfinite(runs["quantize"].data.metrics["test/ppl"])
