@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationKeyError
 
 from kdpipe.compress.checks import check_compression
 from kdpipe.data.base import config_example
@@ -65,7 +66,21 @@ def validate(cfg: DictConfig) -> None:
         problem = teacher_checkpoint_problem(teacher.get("checkpoint"))  # as the command line checks it
         if problem:
             raise ConfigError(problem)
-        arch = OmegaConf.to_container(teacher.model, resolve=True)
+        arch = _arch("teacher", lambda: OmegaConf.to_container(teacher.model, resolve=True), data)
         _check_output_size("teacher", arch, example, num_classes, dims)
-    _check_output_size("student", student_arch(cfg), example, num_classes, dims)
+    arch = _arch("student", lambda: student_arch(cfg), data)
+    _check_output_size("student", arch, example, num_classes, dims)
     validate_distill(cfg)
+
+
+def _arch(role: str, resolve, data) -> dict:
+    """A model config resolved against the data, or one line saying which model fits the data."""
+    try:
+        return resolve()
+    except InterpolationKeyError as exc:
+        text = data.get("max_length") is not None
+        fix = ("text data: pick a text model, e.g. teacher=transformer student=transformer_small "
+               "(language modelling: causal_lm, causal_lm_small)" if text else
+               "image data: pick an image model, e.g. cnn, resnet, mlp")
+        missing = str(exc.msg).split("'")[1] if "'" in str(exc.msg) else str(exc.msg)
+        raise ConfigError(f"{role}.model reads {missing}, which this data has not: for {fix}") from None

@@ -117,6 +117,7 @@ class Fitter:
         logits), resuming from the checkpoint an interrupted run of this fit left. A fit that
         changes the model's structure as it goes (pruning) passes `resumable=False`."""
         trainer = self.trainer(name, max_epochs, callbacks)
+        module.task_ranges = getattr(self.datamodule, "task_ranges", None)  # per-task val metrics
         ckpt = resume_from(self.checkpoint_root, self.checkpoint_key(name), f"{self.stage}/{name}",
                            max_epochs, self.interrupted) if (self.resume and resumable) else None
         stop_if_terminated()

@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Any
 _MODULES = {"TensorDataModule": "base", "CIFARDataModule": "cifar", "DigitsDataModule": "digits",
             "IDXDataModule": "idx", "ImageFolderDataModule": "image_folder",
             "SyntheticDataModule": "synthetic", "TextDataModule": "text", "FortunesDataModule": "text",
-            "LanguageModelDataModule": "text"}
+            "LanguageModelDataModule": "text", "MultiTaskTextDataModule": "text"}
 
 __all__ = ["TensorDataModule", "CIFARDataModule", "DigitsDataModule", "IDXDataModule",
            "ImageFolderDataModule", "SyntheticDataModule", "TextDataModule", "FortunesDataModule",
-           "LanguageModelDataModule"]
+           "LanguageModelDataModule", "MultiTaskTextDataModule"]
 
 if TYPE_CHECKING:
     from kdpipe.data.base import TensorDataModule
@@ -25,7 +25,12 @@ if TYPE_CHECKING:
     from kdpipe.data.idx import IDXDataModule
     from kdpipe.data.image_folder import ImageFolderDataModule
     from kdpipe.data.synthetic import SyntheticDataModule
-    from kdpipe.data.text import FortunesDataModule, LanguageModelDataModule, TextDataModule
+    from kdpipe.data.text import (
+        FortunesDataModule,
+        LanguageModelDataModule,
+        MultiTaskTextDataModule,
+        TextDataModule,
+    )
 
 
 def __getattr__(name: str) -> Any:

@@ -28,9 +28,9 @@ def cache_root() -> Path:
     return Path(os.environ.get("KDPIPE_CACHE_DIR", Path.home() / ".cache" / "kdpipe"))
 
 
-def train_tokenizer(texts: list[str], vocab_size: int, lowercase: bool = False):
+def train_tokenizer(texts: list[str], vocab_size: int, lowercase: bool = False, extra_special: tuple = ()):
     """A byte-level BPE (any script, no unknown characters) with kdpipe's special tokens first,
-    so `<pad>` is id 0."""
+    so `<pad>` is id 0, then `extra_special` ones (the task tokens of multi-task data)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -38,7 +38,8 @@ def train_tokenizer(texts: list[str], vocab_size: int, lowercase: bool = False):
     tok.normalizer = normalizers.Sequence(steps)
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=2,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[*SPECIAL_TOKENS, *extra_special],
+                                  min_frequency=2,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
@@ -81,7 +82,8 @@ class TextDataModule(TensorDataModule):
             raise ConfigError(f"data.max_length={max_length}: a sequence needs at least 2 tokens")
         if vocab_size < MIN_VOCAB and not tokenizer:
             raise ConfigError(f"data.vocab_size={vocab_size}: the byte-level tokenizer starts from 256 byte "
-                              f"tokens and {len(SPECIAL_TOKENS)} special ones; set data.vocab_size >= {MIN_VOCAB}")
+                              f"tokens and {len(SPECIAL_TOKENS)} special ones; set data.vocab_size >= "
+                              f"{MIN_VOCAB}")
         self.in_shape = (max_length,)
         self.path, self.max_length, self.vocab_size = path, int(max_length), int(vocab_size)
         self.tokenizer_path, self.lowercase = tokenizer, bool(lowercase)
@@ -136,7 +138,9 @@ class TextDataModule(TensorDataModule):
             self.pad_id = tok.token_to_id("<pad>") if tok.token_to_id("<pad>") is not None else PAD_ID
             self.tokenizer_cached = None
             return tok
-        digest = hashlib.sha256(json.dumps({"v": self.vocab_size, "lower": self.lowercase}).encode())
+        extra = tuple(getattr(self, "extra_special", ()))
+        digest = hashlib.sha256(json.dumps({"v": self.vocab_size, "lower": self.lowercase,
+                                            "special": list(extra)}).encode())
         for t in train_texts:
             digest.update(t.encode("utf-8", "replace") + b"\0")
         cache = cache_root() / "tokenizers" / f"{digest.hexdigest()[:20]}.json"
@@ -144,7 +148,7 @@ class TextDataModule(TensorDataModule):
         if self.tokenizer_cached:
             tok = load_tokenizer(cache)
         else:
-            tok = train_tokenizer(train_texts, self.vocab_size, self.lowercase)
+            tok = train_tokenizer(train_texts, self.vocab_size, self.lowercase, extra)
             try:
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 tmp = cache.with_suffix(f".{os.getpid()}.tmp")
@@ -243,4 +247,57 @@ class LanguageModelDataModule(TextDataModule):
     def example_input(self, batch: int = 1) -> torch.Tensor:
         x = super().example_input(batch)
         x[:, 0] = BOS_ID
+        return x
+
+
+class MultiTaskTextDataModule(TextDataModule):
+    """Several text classification tasks as one data set, for one student with a head per task
+    (kdpipe.models.multitask). `tasks` maps each task's name to a text data module (any of the
+    above, built from its config); their samples share one tokenizer, trained on every task's
+    training texts. Each sample's first token is its task's (`<task0>`, ...) and its label is global:
+    task k's classes come after those of the tasks before it (`task_ranges`). `num_classes` is the
+    sum of the tasks'. The metrics are also logged per task (`val/acc_<task>`, `test/acc_<task>`)."""
+
+    def __init__(self, tasks: dict, max_per_class: int | None = None, **kwargs) -> None:
+        # max_per_class: read by the tasks' configs (`${...max_per_class}`), one knob for all of them
+        if not tasks or len(tasks) < 2:
+            raise ConfigError("data.tasks needs at least two tasks, each a text data config")
+        self.tasks = dict(tasks)
+        sizes = {name: int(dm.num_classes) for name, dm in self.tasks.items()}
+        total = sum(sizes.values())
+        if int(kwargs.get("num_classes", total)) != total:
+            raise ConfigError(f"data.num_classes={kwargs['num_classes']} but the tasks have {total} classes "
+                              f"together ({sizes}); set data.num_classes={total}")
+        kwargs["num_classes"] = total
+        super().__init__(path="multitask", **kwargs)
+        self.extra_special = tuple(f"<task{k}>" for k in range(len(self.tasks)))
+        bounds, lo = {}, 0
+        for name, n in sizes.items():
+            bounds[name] = (lo, lo + n)
+            lo += n
+        self.task_ranges = bounds
+
+    def samples(self) -> dict[str, tuple[list[str], list]]:
+        texts, labels = [], []
+        for name, dm in self.tasks.items():
+            found = dm.samples()
+            t = [v for part in found.values() for v in part[0]]
+            y = [v for part in found.values() for v in part[1]]
+            names = class_names(y, dm.num_classes, f"data.tasks.{name}")
+            index = {c: i for i, c in enumerate(names or [])}
+            lo = self.task_ranges[name][0]
+            texts += t
+            labels += [lo + (index[str(v)] if names else int(v)) for v in y]
+        return {"all": (texts, labels)}
+
+    def encode_split(self, texts: list[str], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = self.encode(texts)
+        starts = torch.tensor([lo for lo, _ in self.task_ranges.values()])
+        task = torch.bucketize(labels, starts, right=True) - 1
+        base = self.tokenizer.token_to_id("<task0>")
+        return torch.cat([(base + task).unsqueeze(1), ids[:, :-1]], 1), labels
+
+    def example_input(self, batch: int = 1) -> torch.Tensor:
+        x = super().example_input(batch)
+        x[:, 0] = len(SPECIAL_TOKENS)  # <task0>
         return x

@@ -66,7 +66,8 @@ def compute_logits(teacher: nn.Module, train_set: TensorDataset, batch_size: int
     outs = [teacher(batch[0]) for batch in loader]
     if outs and outs[0].dim() == 3 and topk:
         parts = [topk_logits(o, int(topk)) for o in outs]
-        return {"values": torch.cat([p.values for p in parts]), "indices": torch.cat([p.indices for p in parts])}
+        return {"values": torch.cat([p.values for p in parts]),
+                "indices": torch.cat([p.indices for p in parts])}
     return torch.cat(outs)
 
 

@@ -23,9 +23,11 @@ from kdpipe.losses.response import (
     soft_kl,
 )
 from kdpipe.losses.token import ForwardKL, GeneralizedJSD, ReverseKL, SkewKL, TopK, token_rows
+from kdpipe.losses.transformer import AttentionRelation, HiddenStateMSE
 
-__all__ = ["AttentionTransfer", "ContrastiveRepresentation", "CrossEntropy", "DistillOutputs",
-           "ForwardKL", "GeneralizedJSD", "Hint", "InterClassRelation", "IntraClassRelation",
-           "LogitStandardizedKL", "LossTerm", "NonTargetClassKD", "RKDAngle", "RKDDistance",
-           "ReverseKL", "SimilarityPreserving", "SkewKL", "SoftTargetKL", "TargetClassKD", "TopK",
-           "WeightL1", "WeightedSum", "soft_kl", "token_rows"]
+__all__ = ["AttentionRelation", "AttentionTransfer", "ContrastiveRepresentation", "CrossEntropy",
+           "DistillOutputs", "ForwardKL", "GeneralizedJSD", "HiddenStateMSE", "Hint",
+           "InterClassRelation", "IntraClassRelation", "LogitStandardizedKL", "LossTerm",
+           "NonTargetClassKD", "RKDAngle", "RKDDistance", "ReverseKL", "SimilarityPreserving",
+           "SkewKL", "SoftTargetKL", "TargetClassKD", "TopK", "WeightL1", "WeightedSum", "soft_kl",
+           "token_rows"]

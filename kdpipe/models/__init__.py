@@ -130,3 +130,17 @@ def causal_lm(in_shape: Sequence[int], num_classes: int, **kwargs) -> nn.Module:
     from kdpipe.models.text import causal_lm as build
 
     return build(in_shape, num_classes, **kwargs)
+
+
+def multitask_student(in_shape: Sequence[int], num_classes: int, **kwargs) -> nn.Module:
+    """One model with a head per task over multi-task data (kdpipe.models.multitask)."""
+    from kdpipe.models.multitask import multitask_student as build
+
+    return build(in_shape, num_classes, **kwargs)
+
+
+def task_router(in_shape: Sequence[int], num_classes: int, **kwargs) -> nn.Module:
+    """One teacher per task over multi-task data (kdpipe.models.multitask)."""
+    from kdpipe.models.multitask import task_router as build
+
+    return build(in_shape, num_classes, **kwargs)

@@ -32,6 +32,10 @@ class _Sum:
 
 
 class ClassifierModule(pl.LightningModule):
+    # multi-task data (kdpipe.data.text.MultiTaskTextDataModule): task -> its global class range;
+    # set by the Fitter from the data module, so every module logs per-task metrics
+    task_ranges: dict[str, tuple[int, int]] | None = None
+
     """Holds one model, its optimiser settings and its metrics.
 
     Logs per epoch `train/loss`, `val/loss`, `val/acc`, and `test/acc` on `trainer.test`. A language
@@ -91,6 +95,14 @@ class ClassifierModule(pl.LightningModule):
         self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True, batch_size=len(y))
         if batch[1].dim() == 2:  # next-token targets: perplexity, the token-weighted mean loss exponentiated
             self.val_nll.update(loss.detach() * len(y), len(y))
+        for name, (lo, hi) in (self.task_ranges or {}).items():  # multi-task data: each task's own
+            rows = (y >= lo) & (y < hi)
+            if bool(rows.any()):
+                part, target, n = logits[rows], y[rows], int(rows.sum())
+                acc = (part.argmax(-1) == target).float().mean()
+                self.log(f"val/acc_{name}", acc, on_epoch=True, batch_size=n, sync_dist=True)
+                self.log(f"val/loss_{name}", F.cross_entropy(part, target), on_epoch=True, batch_size=n,
+                         sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         if self.val_nll.total > 0:

@@ -29,13 +29,16 @@ LATENCY_RUNTIME = "onnxruntime-cpu-1thread"
 
 
 def split_metrics(split: str, logits: torch.Tensor, target: torch.Tensor, num_classes: int,
-                  perplexity: bool = False) -> dict:
+                  perplexity: bool = False, task_ranges: dict | None = None) -> dict:
     """Accuracy and expected calibration error (15 bins) of one split's logits (a language model's:
     per token, with its perplexity, exp of the mean next-token cross-entropy)."""
     ece = multiclass_calibration_error(logits.softmax(-1), target, num_classes, n_bins=15)
     out = {f"{split}/acc": float((logits.argmax(-1) == target).float().mean()), f"{split}/ece": float(ece)}
     if perplexity:
         out[f"{split}/ppl"] = float(torch.exp(F.cross_entropy(logits.float(), target)))
+    for name, (lo, hi) in (task_ranges or {}).items():  # multi-task data: each task's accuracy
+        rows = (target >= lo) & (target < hi)
+        out[f"{split}/acc_{name}"] = float((logits[rows].argmax(-1) == target[rows]).float().mean())
     return out
 
 
@@ -55,7 +58,7 @@ def measure(ctx: PipelineContext, out: StageOutput) -> dict[str, float]:
     accuracy, dm = {}, ctx.datamodule
     for split, loader in (("test", dm.test_dataloader()), ("val", dm.val_dataloader())):
         accuracy.update(split_metrics(split, *logits_of(loader), ctx.num_classes,
-                                      getattr(dm, "kind", "") == "lm"))
+                                      getattr(dm, "kind", "") == "lm", getattr(dm, "task_ranges", None)))
     params, nonzero = count_params(torch_model)
     lat = onnx_latency_ms(onnx_path, example, warmup=int(ecfg.latency_warmup), iters=int(ecfg.latency_iters))
     thr = onnx_latency_ms(onnx_path, example, warmup=3, iters=max(5, int(ecfg.latency_iters) // 10),

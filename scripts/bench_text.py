@@ -1,0 +1,201 @@
+"""The text benchmark of docs/text.md, on Debian's fortunes (real English text): a transformer
+topic classifier distilled into a small one against the same student from scratch (accuracy), and a
+causal language model distilled token by token against the same student from scratch at equal
+steps (held-out perplexity). Settings are chosen on the validation split (seed 0), then run with
+seeds 0-2; mean ± std of the last epoch on the test split.
+
+    python scripts/bench_text.py --workdir W                    # every phase, 2 jobs at a time
+    python scripts/bench_text.py --workdir W --phases report    # the tables from the store
+
+Every run is a `kdpipe` command, printed before it starts, against `<workdir>/mlflow.db`; a command
+whose run finished in an earlier invocation is skipped. Phases:
+
+- `teacher`: the topic teacher (transformer, 4 layers of 128) and the LM teacher (causal_lm, 4 layers
+  of 128), trained once (seed 0); every student loads them with `teacher.checkpoint`, so their
+  outputs are computed once (top-k per token for the LM);
+- `search`: seed 0, validation split: the scratch student's learning rate, then KD's temperature and
+  alpha at that rate (topics); the LM student's rate from scratch;
+- `final`: seeds 0-2 at the chosen settings: topics scratch vs KD; LM scratch vs each token-level
+  divergence (forward KL, reverse KL, JSD, skew KL) at alpha 0.5, T 1;
+- `report`: the tables (printed, and `<workdir>/report.md`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import mlflow
+
+REPO = Path(__file__).resolve().parent.parent
+PHASES = ("teacher", "search", "final", "report")
+COMMON = ["prune=none", "quantize=dynamic", "optim=adamw_transformer", "trainer.enable_progress_bar=false",
+          "eval.latency_iters=20", "eval.latency_warmup=3"]
+TASKS = {
+    "topics": {"data": ["data=fortunes_topics"], "student": ["student=transformer_small"], "metric": "acc",
+               "teacher": ["teacher=transformer", "teacher.model.width=128"]},
+    "lm": {"data": ["data=fortunes_lm"], "teacher": ["teacher=causal_lm", "teacher.model.width=128"],
+           "student": ["student=causal_lm_small"], "metric": "ppl"},
+}
+LM_SCHEMES = ("lm_forward_kl", "lm_reverse_kl", "lm_jsd", "lm_skew_kl")
+LRS = (0.0005, 0.001, 0.002)
+KD_GRID = [(t, a) for t in (1.0, 2.0, 4.0) for a in (0.5, 0.9)]
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.workdir = args.workdir.resolve()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.uri = f"sqlite:///{self.workdir / 'mlflow.db'}"
+        self.env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+                    "MLFLOW_TRACKING_URI": self.uri, "KDPIPE_CHECKPOINT_DIR": str(self.workdir / "ckpt")}
+        mlflow.set_tracking_uri(self.uri)
+
+    def pipeline_runs(self) -> dict[str, mlflow.entities.Run]:
+        """Finished pipeline runs by name (the bench names every run)."""
+        out = {}
+        for exp in mlflow.search_experiments():
+            for r in mlflow.search_runs([exp.experiment_id], output_format="list",
+                                        filter_string="attributes.status = 'FINISHED'"):
+                if "kdpipe.stage" not in r.data.tags:
+                    out[r.info.run_name] = r
+        return out
+
+    def stage_run(self, pipeline: mlflow.entities.Run, stage: str) -> mlflow.entities.Run | None:
+        found = mlflow.search_runs([pipeline.info.experiment_id], output_format="list",
+                                   filter_string=f"tags.mlflow.parentRunId = '{pipeline.info.run_id}'")
+        return next((r for r in found if r.data.tags.get("kdpipe.stage") == stage), None)
+
+    def run(self, jobs: list[tuple[str, list[str]]]) -> None:
+        done = self.pipeline_runs()
+        todo = [(n, c) for n, c in jobs if n not in done]
+
+        def one(job: tuple[str, list[str]]) -> int:
+            name, cmd = job
+            full = [*cmd, f"run_name={name}", f"hydra.run.dir={self.workdir / 'runs' / name}"]
+            line = " ".join(shlex.quote(c) for c in full)
+            print(f"[{time.strftime('%H:%M:%S')}] {name}: kdpipe {line}", flush=True)
+            with (self.workdir / f"{name}.log").open("w") as out:
+                rc = subprocess.run([sys.executable, "-m", "kdpipe", *full], cwd=self.workdir, env=self.env,
+                                    stdout=out, stderr=subprocess.STDOUT, check=False).returncode
+            print(f"[{time.strftime('%H:%M:%S')}] {name}: exit {rc}", flush=True)
+            return rc
+
+        with ThreadPoolExecutor(self.args.jobs) as pool:
+            if any(list(pool.map(one, todo))):
+                sys.exit("some runs failed; see the logs in the workdir")
+
+    def teacher_file(self, task: str) -> str:
+        return str(self.workdir / "runs" / f"{task}-teacher" / "teacher" / "model.pt")
+
+    def student_cmd(self, task: str, seed: int, extra: list[str]) -> list[str]:
+        t = TASKS[task]
+        return [*t["data"], *COMMON, f"seed={seed}", "data.seed=0", *t["teacher"],
+                f"teacher.checkpoint={self.teacher_file(task)}", *t["student"],
+                f"student.max_epochs={self.args.epochs[task]}", f"tracking.experiment=bench_text_{task}",
+                *extra]
+
+    def val(self, name: str, metric: str) -> float:
+        run = self.stage_run(self.pipeline_runs()[name], "distill")
+        return run.data.metrics[f"val/{metric}"]
+
+    # -- phases ---------------------------------------------------------------------------------
+
+    def teacher(self) -> None:
+        self.run([(f"{task}-teacher", [*t["data"], *COMMON, "seed=0", *t["teacher"], *t["student"],
+                                       "distill=none",
+                                       f"teacher.max_epochs={self.args.teacher_epochs[task]}",
+                                       "student.max_epochs=1", f"tracking.experiment=bench_text_{task}"])
+                  for task, t in TASKS.items()])
+
+    def chosen(self) -> dict[str, list[str]]:
+        """The settings the search picked on the validation split."""
+        lr_topics = max(LRS, key=lambda lr: self.val(f"topics-none-lr{lr:g}-s0", "acc"))
+        lr_lm = min(LRS, key=lambda lr: self.val(f"lm-none-lr{lr:g}-s0", "ppl"))
+        t, a = max(KD_GRID, key=lambda ta: self.val(f"topics-kd-T{ta[0]:g}-a{ta[1]:g}-s0", "acc"))
+        return {"topics-none": [f"optim.lr={lr_topics:g}", "distill=none"],
+                "topics-kd": [f"optim.lr={lr_topics:g}", "distill=kd", f"distill.temperature={t:g}",
+                              f"distill.alpha={a:g}"],
+                "lm-none": [f"optim.lr={lr_lm:g}", "distill=none"],
+                **{f"lm-{s}": [f"optim.lr={lr_lm:g}", f"distill={s}"] for s in LM_SCHEMES}}
+
+    def search(self) -> None:
+        jobs = [(f"{task}-none-lr{lr:g}-s0", self.student_cmd(task, 0, [f"optim.lr={lr:g}", "distill=none"]))
+                for task in TASKS for lr in LRS]
+        self.run(jobs)
+        lr = max(LRS, key=lambda lr: self.val(f"topics-none-lr{lr:g}-s0", "acc"))
+        self.run([(f"topics-kd-T{t:g}-a{a:g}-s0",
+                   self.student_cmd("topics", 0, [f"optim.lr={lr:g}", "distill=kd",
+                                                  f"distill.temperature={t:g}", f"distill.alpha={a:g}"]))
+                  for t, a in KD_GRID])
+
+    def final(self) -> None:
+        jobs = [(f"{name}-s{seed}", self.student_cmd(name.split("-")[0], seed, extra))
+                for (name, extra), seed in itertools.product(self.chosen().items(), self.args.seeds)]
+        self.run(jobs)
+
+    def report(self) -> None:
+        runs = self.pipeline_runs()
+        lines = []
+        for task, t in TASKS.items():
+            metric = t["metric"]
+            teacher = self.stage_run(runs[f"{task}-teacher"], "teacher").data.metrics
+            shown = self.fmt(metric, [teacher[f"test/{metric}"]])
+            lines += [f"\n### {task}: teacher test {metric} {shown}\n",
+                      f"| student | setting (chosen on val) | test {metric} (mean ± std, last epoch) "
+                      f"| val {metric} | int8 test {metric} | params |", "|---|---|---|---|---|---|"]
+            for name, extra in self.chosen().items():
+                if not name.startswith(task):
+                    continue
+                found = [runs.get(f"{name}-s{s}") for s in self.args.seeds]
+                stages = [(self.stage_run(r, "distill"), self.stage_run(r, "quantize")) for r in found if r]
+                if not stages:
+                    continue
+                test = [d.data.metrics[f"test/{metric}"] for d, _ in stages]
+                val = [d.data.metrics[f"val/{metric}"] for d, _ in stages]
+                q = [q.data.metrics[f"test/{metric}"] for _, q in stages if q]
+                params = int(stages[0][0].data.metrics["model/params"])
+                cells = [name.split("-", 1)[1], f"`{' '.join(extra)}`",
+                         f"{self.fmt(metric, test)} (n={len(test)})", self.fmt(metric, val),
+                         self.fmt(metric, q), f"{params:,}"]
+                lines.append("| " + " | ".join(cells) + " |")
+        text = "\n".join(lines) + "\n"
+        (self.workdir / "report.md").write_text(text)
+        print(text)
+
+    @staticmethod
+    def fmt(metric: str, values: list[float]) -> str:
+        if not values:
+            return ""
+        scale = 100 if metric == "acc" else 1
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{scale * statistics.mean(values):.2f} ± {scale * sd:.2f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workdir", type=Path, default=REPO / "outputs" / "bench_text")
+    ap.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--epochs", type=lambda s: dict(kv.split("=") for kv in s.split(",")),
+                    default={"topics": 15, "lm": 10}, help="student epochs per task, e.g. topics=15,lm=10")
+    ap.add_argument("--teacher-epochs", type=lambda s: dict(kv.split("=") for kv in s.split(",")),
+                    default={"topics": 10, "lm": 10})
+    args = ap.parse_args()
+    bench = Bench(args)
+    for phase in args.phases:
+        getattr(bench, phase)()
+
+
+if __name__ == "__main__":
+    main()
