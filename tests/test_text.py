@@ -391,3 +391,29 @@ def test_layer_map_terms_match_transformers_of_other_depths_and_widths(build, st
         assert float(value(kind({teacher_layer: teacher_layer}, **extra), teacher, teacher, x)) < 1e-6
     with pytest.raises(ConfigError, match="has no layer"):
         AttentionRelation({"encoder.layer.9": teacher_layer}).setup(student, teacher, x)
+
+
+def test_sequence_level_kd_trains_on_the_teachers_own_continuations(store, tmp_path):
+    from kdpipe.distill.sequence import generate
+
+    torch.manual_seed(0)
+    teacher = causal_lm([8], 300, layers=1, width=16, heads=2).eval()
+    x = torch.tensor([[1, 10, 11, 12, 13, 0, 0, 0], [1, 20, 21, 22, 23, 24, 25, 26]])
+    y = torch.tensor([[10, 11, 12, 13, 2, UNLABELED, UNLABELED, UNLABELED], [20, 21, 22, 23, 24, 25, 26, 27]])
+    gx, gy = generate(teacher, x, y, prefix_tokens=3)
+    assert torch.equal(gx[:, :3], x[:, :3])  # the prefix is the document's
+    assert (gx[0, 6:] == 0).all() and (gy[0, 5:] == UNLABELED).all()  # no longer than the document
+    with torch.no_grad():  # greedy: each generated token is the teacher's argmax given what precedes it
+        for t in range(3, 8):
+            live = gy[:, t - 1] != UNLABELED
+            assert torch.equal(teacher(gx[:, :t])[:, -1].argmax(-1)[live], gy[live, t - 1])
+    (tmp_path / "corpus.txt").write_text("\n\n".join(t for t, _ in topic_texts(80)))
+    cmd = ["data=text_lm", f"data.path={tmp_path / 'corpus.txt'}", "teacher=causal_lm",
+           "student=causal_lm_small", "distill=sequence_kd", "distill.scheme.prefix_tokens=3", "prune=none", "quantize=none", *TEXT_FAST]
+    proc = run_cli(cmd, tmp_path, {"KDPIPE_CACHE_DIR": str(tmp_path / "cache")}, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = {r.data.tags.get("kdpipe.stage"): r for r in stage_runs()}
+    assert runs["distill"].data.tags["kdpipe.sequences"] == "computed"
+    stored = [f.path for f in MlflowClient().list_artifacts(runs["teacher"].info.run_id, "synthetic")]
+    assert len(stored) == 1 and stored[0].startswith("synthetic/sequences_")
+    assert runs["distill"].data.metrics["test/ppl"] < 300
