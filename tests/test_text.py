@@ -409,7 +409,8 @@ def test_sequence_level_kd_trains_on_the_teachers_own_continuations(store, tmp_p
             assert torch.equal(teacher(gx[:, :t])[:, -1].argmax(-1)[live], gy[live, t - 1])
     (tmp_path / "corpus.txt").write_text("\n\n".join(t for t, _ in topic_texts(80)))
     cmd = ["data=text_lm", f"data.path={tmp_path / 'corpus.txt'}", "teacher=causal_lm",
-           "student=causal_lm_small", "distill=sequence_kd", "distill.scheme.prefix_tokens=3", "prune=none", "quantize=none", *TEXT_FAST]
+           "student=causal_lm_small", "distill=sequence_kd", "distill.scheme.prefix_tokens=3", "prune=none",
+           "quantize=none", *TEXT_FAST]
     proc = run_cli(cmd, tmp_path, {"KDPIPE_CACHE_DIR": str(tmp_path / "cache")}, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = {r.data.tags.get("kdpipe.stage"): r for r in stage_runs()}
