@@ -40,7 +40,7 @@ class DeepInversion:
 
     def __init__(self, num_images: int = 4096, batch_size: int = 256, steps: int = 500, lr: float = 0.1,
                  bn: float = 10.0, ce: float = 1.0, tv: float = 1e-3, l2: float = 0.0, jitter: int = 2,
-                 flip: bool = False) -> None:
+                 flip: bool = False, relative: bool = True) -> None:
         name = "distill.scheme"
         self.num_images = limits.positive_int(num_images, f"{name}.num_images", "e.g. 4096")
         self.batch_size = limits.positive_int(batch_size, f"{name}.batch_size", "e.g. 256")
@@ -50,7 +50,7 @@ class DeepInversion:
                         "bn": limits.weight(bn, f"{name}.bn"), "ce": limits.weight(ce, f"{name}.ce"),
                         "tv": limits.weight(tv, f"{name}.tv"), "l2": limits.weight(l2, f"{name}.l2"),
                         "jitter": limits.whole_number(jitter, f"{name}.jitter", "pixels, e.g. 2"),
-                        "flip": bool(flip)}
+                        "flip": bool(flip), "relative": bool(relative)}
 
     def check(self, job, student: nn.Module, teacher: nn.Module) -> None:
         BatchNormStatistics(teacher).remove()  # a teacher without batch norm: the clear error, now

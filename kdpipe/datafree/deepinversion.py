@@ -23,13 +23,22 @@ _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 class BatchNormStatistics:
-    """Forward hooks on every batch-norm layer of `model`: after a forward pass, `loss()` is
-    sum over layers of ||mean(x) - running_mean||_2 + ||var(x) - running_var||_2, the statistics of
-    each layer's input over the batch (and space)."""
+    """Forward hooks on every batch-norm layer of `model`: after a forward pass, `loss()` sums over
+    layers how far the batch statistics of each layer's input (over the batch and space) are from
+    the layer's running statistics.
+
+    `relative` (the default): the root mean square over channels of (mean - running_mean) /
+    sqrt(running_var) plus that of var / running_var - 1, so every layer weighs the same whatever
+    the scale of its activations. Otherwise the paper's eq. 3, ||mean - running_mean||_2 +
+    ||var - running_var||_2, where a layer of 256 channels with variances near 50 (a trained CNN's
+    last blocks) outweighs the rest by two orders of magnitude: on a Fashion-MNIST CNN, 200 steps
+    left it at 380 (from 3,100) with the teacher assigning most inputs to another class than their
+    target (CE 6.9 at weight 10 on the term)."""
 
     def __init__(self, model: nn.Module, role: str = "teacher",
                  fix: str = "use distill=data_free, whose generator is trained against the student and "
-                            "needs none") -> None:
+                            "needs none", relative: bool = True) -> None:
+        self.relative = bool(relative)
         self.layers = [m for m in model.modules() if isinstance(m, _BN) and m.running_mean is not None]
         if not self.layers:
             raise ConfigError(f"DeepInversion matches the {role}'s batch-norm statistics, and the {role} "
@@ -42,8 +51,13 @@ class BatchNormStatistics:
         x = inputs[0]
         dims = [0, *range(2, x.dim())]
         mean, var = x.mean(dims), x.var(dims, unbiased=False)
-        self.terms.append(torch.linalg.vector_norm(mean - module.running_mean)
-                          + torch.linalg.vector_norm(var - module.running_var))
+        if self.relative:
+            scale = module.running_var + module.eps
+            self.terms.append(((mean - module.running_mean).pow(2) / scale).mean().sqrt()
+                              + (var / scale - 1).pow(2).mean().sqrt())
+        else:
+            self.terms.append(torch.linalg.vector_norm(mean - module.running_mean)
+                              + torch.linalg.vector_norm(var - module.running_var))
 
     def loss(self) -> torch.Tensor:
         total, self.terms = sum(self.terms), []
@@ -61,7 +75,8 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
 
 def synthesize_batch(teacher: nn.Module, targets: torch.Tensor, in_shape: tuple[int, ...], steps: int,
                      lr: float = 0.1, bn: float = 10.0, ce: float = 1.0, tv: float = 1e-3, l2: float = 0.0,
-                     jitter: int = 2, flip: bool = False, generator: torch.Generator | None = None,
+                     jitter: int = 2, flip: bool = False, relative: bool = True,
+                     generator: torch.Generator | None = None,
                      on_step: Callable[[int, dict[str, float]], None] | None = None) -> torch.Tensor:
     """One batch of inputs, one per entry of `targets`, optimised by Adam for `steps` steps from
     Gaussian noise (in the teacher's normalised input space). `on_step(step, losses)` sees each
@@ -71,7 +86,7 @@ def synthesize_batch(teacher: nn.Module, targets: torch.Tensor, in_shape: tuple[
     trainable = [p for p in teacher.parameters() if p.requires_grad]
     for p in trainable:  # gradients flow to the inputs only
         p.requires_grad_(False)
-    stats = BatchNormStatistics(teacher)
+    stats = BatchNormStatistics(teacher, relative=relative)
     x = torch.randn(len(targets), *in_shape, generator=generator).requires_grad_(True)
     opt = torch.optim.Adam([x], lr=lr, betas=(0.5, 0.9))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
