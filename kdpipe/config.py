@@ -8,6 +8,8 @@ to fix it. `validate` repeats the ranges for configs composed in Python and valu
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -71,6 +73,20 @@ def validate(cfg: DictConfig) -> None:
     arch = _arch("student", lambda: student_arch(cfg), data)
     _check_output_size("student", arch, example, num_classes, dims)
     validate_distill(cfg)
+    _warn_transformer_rate(cfg)
+
+
+TRANSFORMERS = ("transformer_classifier", "causal_lm", "task_router", "multitask_student")
+
+
+def _warn_transformer_rate(cfg: DictConfig) -> None:
+    """One line when a transformer would train at the CNNs' learning rate (0.01), far above the
+    ~5e-4 transformers train at: the run works, but learns little."""
+    lr = OmegaConf.select(cfg, "optim.lr")
+    targets = [str(OmegaConf.select(cfg, f"{role}.model._target_") or "") for role in ("teacher", "student")]
+    if isinstance(lr, (int, float)) and lr > 3e-3 and any(t.endswith(TRANSFORMERS) for t in targets):
+        print(f"kdpipe: warning: optim.lr={lr:g} is a CNN's rate; transformers train at about 5e-4: add "
+              f"optim=adamw_transformer (docs/text.md)", file=sys.stderr)
 
 
 def _arch(role: str, resolve, data) -> dict:

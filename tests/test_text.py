@@ -281,10 +281,11 @@ TEXT_FAST = ["trainer.max_epochs=2", "trainer.enable_progress_bar=false", "eval.
 
 
 def test_a_text_classifier_runs_every_stage_and_logs_them(store, tmp_path):
+    """Teacher, distill, structured pruning of heads and MLP width, dynamic int8, evaluate."""
     write_csv(tmp_path / "topics.csv", topic_texts(150))
     cmd = ["data=text_files", f"data.path={tmp_path / 'topics.csv'}", "data.num_classes=3",
-           "teacher=transformer", "student=transformer_small", "prune=magnitude", "quantize=dynamic",
-           *TEXT_FAST]
+           "teacher=transformer", "student=transformer_small", "prune=structured", "prune.sparsity=0.5",
+           "quantize=dynamic", *TEXT_FAST]
     proc = run_cli(cmd, tmp_path, {"KDPIPE_CACHE_DIR": str(tmp_path / "cache")}, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = {r.data.tags.get("kdpipe.stage", "pipeline"): r for r in stage_runs()}
@@ -293,6 +294,10 @@ def test_a_text_classifier_runs_every_stage_and_logs_them(store, tmp_path):
     teacher = runs["teacher"].data.metrics
     assert teacher["test/acc"] > 0.6  # three separable topics: far above chance (1/3)
     assert runs["quantize"].data.metrics["test/acc"] > 0.5
+    # structured pruning removed half of every block's attention heads and MLP width, for real
+    distill, pruned = runs["distill"].data.metrics, runs["prune"].data.metrics
+    assert pruned["model/params"] < distill["model/params"]
+    assert pruned["model/flops"] < 0.8 * distill["model/flops"]
 
 
 def test_a_causal_language_model_is_distilled_token_by_token_and_logs_perplexity(store, tmp_path):

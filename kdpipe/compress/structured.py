@@ -41,6 +41,27 @@ def output_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
     return [p for p, o in outputs.items() if o is logits]  # the layer whose output is returned
 
 
+def attention_heads(model: nn.Module) -> dict[nn.Module, int]:
+    """{query/key/value linear: head count} of every BERT self-attention block (transformers'
+    `BertSelfAttention`, whose forward infers the head count from the projections' width), so
+    Torch-Pruning removes whole heads. Empty for other models."""
+    heads = {}
+    for module in model.modules():
+        if type(module).__name__ == "BertSelfAttention":
+            for linear in (module.query, module.key, module.value):
+                heads[linear] = int(module.num_attention_heads)
+    return heads
+
+
+def transformer_fixed_layers(model: nn.Module, heads: Mapping[nn.Module, int]) -> list[str]:
+    """Paths of a transformer's layers whose outputs are the hidden width (embeddings, the attention
+    and MLP output projections, the classifier): never pruned, so the residual stream keeps its width
+    and only attention heads and MLP width go."""
+    return [path for path, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.Embedding)) and m not in heads
+            and not path.endswith("intermediate.dense")]
+
+
 def accumulate_gradients(model: nn.Module, batches: Iterable, num_batches: int) -> None:
     """Sum cross-entropy gradients over the first `num_batches` (x, y, ...) batches into `.grad`,
     in eval mode so batch-norm statistics do not move: what Taylor importance reads."""
@@ -69,6 +90,8 @@ class StructuredPruner:
     `round_to`: keep channel counts multiples of this (e.g. 8), the widths CPU kernels run fast.
     `layer_scale`: {module path: factor}, a layer's share of `target` (a plan from
     `kdpipe.compress.allocate`: 2 removes twice the share of its channels, 0.5 half), capped at 0.95.
+    A BERT-style transformer (kdpipe's `transformer` models) loses whole attention heads and MLP
+    width, `target` of each, and keeps its hidden width (`transformer_fixed_layers`).
     """
 
     structural = True
@@ -80,7 +103,11 @@ class StructuredPruner:
         importance = Magnitude() if importance is None else importance
         was_training = model.training  # tracing the graph leaves the model in eval mode
         modules = dict(model.named_modules())
-        paths = list(ignore) if ignore else output_layers(model, example_inputs)
+        heads = attention_heads(model)  # a BERT-style transformer: whole heads and MLP width only
+        if heads:
+            paths = [*(ignore or []), *transformer_fixed_layers(model, heads)]
+        else:
+            paths = list(ignore) if ignore else output_layers(model, example_inputs)
         # an early-exit network: every head's input follows the channels of its block, and every
         # head's last layer outputs class scores, so the graph is traced through all of them
         forward_all = getattr(model, "forward_all", None)
@@ -99,7 +126,8 @@ class StructuredPruner:
             pruning_ratio=0.0, iterative_steps=1, ignored_layers=[modules[p] for p in paths],
             round_to=int(round_to) if round_to else None,
             pruning_ratio_dict={modules[p]: 0.0 for p in self.layer_scale} or None,
-            forward_fn=(lambda m, x: m.forward_all(x)) if forward_all is not None else None)
+            forward_fn=(lambda m, x: m.forward_all(x)) if forward_all is not None else None,
+            num_heads=heads or None, prune_num_heads=bool(heads), prune_head_dims=False)
         model.train(was_training)
         self._initial = self._widths()
 
@@ -115,6 +143,7 @@ class StructuredPruner:
                              "kdpipe.compress.structured.accumulate_gradients first (PruningCallback does), "
                              "or fine-tune for at least one epoch")
         self._pruner.per_step_pruning_ratio = [0.0, float(target)]  # Torch-Pruning's ratio of step 1
+        self._pruner.per_step_head_pruning_ratio = [0.0, float(target)]  # a transformer's heads
         modules = dict(self.model.named_modules())
         for path, scale in self.layer_scale.items():  # a layer with a plan of its own
             self._pruner.pruning_ratio_dict[modules[path]] = [0.0, min(float(target) * scale, 0.95)]
