@@ -423,3 +423,21 @@ def test_sequence_level_kd_trains_on_the_teachers_own_continuations(store, tmp_p
     stored = [f.path for f in MlflowClient().list_artifacts(runs["teacher"].info.run_id, "synthetic")]
     assert len(stored) == 1 and stored[0].startswith("synthetic/sequences_")
     assert runs["distill"].data.metrics["test/ppl"] < 300
+
+
+def test_text_configs_that_cannot_run_are_refused_in_one_line():
+    from hydra import compose, initialize_config_dir
+
+    from kdpipe.cli import CONFIG_PATH
+    from kdpipe.config import validate
+
+    def cfg(*overrides):
+        with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
+            return compose("config", overrides=list(overrides))
+
+    with pytest.raises(ConfigError, match="does not prune GPT-2 blocks.*prune=magnitude"):
+        validate(cfg("data=fortunes_lm", "teacher=causal_lm", "student=causal_lm_small", "prune=structured"))
+    with pytest.raises(ConfigError, match="student.model reads data.channels.*student=transformer_small"):
+        validate(cfg("data=fortunes_topics", "teacher=transformer"))
+    with pytest.raises(ConfigError, match="next-token logits per position.*causal_lm"):
+        validate(cfg("data=fortunes_lm", "teacher=transformer", "student=causal_lm_small"))

@@ -13,6 +13,7 @@ from kdpipe import limits
 from kdpipe.compress.lowbit import FORMATS as LOWBIT_FORMATS
 from kdpipe.compress.quantize import CALIBRATION_METHODS, CompressionWarning
 from kdpipe.compress.save import STORAGES
+from kdpipe.data.base import config_example
 from kdpipe.errors import ConfigError, build
 
 # Optimizer steps an epoch when asking a schedule how many cuts it makes: the most it could make.
@@ -113,10 +114,9 @@ def check_quantize(quantize: DictConfig) -> None:
 def _student(cfg: DictConfig) -> tuple[nn.Module | None, torch.Tensor | None]:
     """A fresh student and an example batch, to build the pruner on (None when the student
     cannot be built: kdpipe.config.validate says why)."""
-    data = cfg.get("data")
     try:
         model = instantiate(cfg.student.model)
-        return model, torch.zeros(2, int(data.channels), int(data.height), int(data.width))
+        return model, config_example(cfg.get("data"))[1]
     except Exception:
         return None, None
 

@@ -103,6 +103,9 @@ class StructuredPruner:
         importance = Magnitude() if importance is None else importance
         was_training = model.training  # tracing the graph leaves the model in eval mode
         modules = dict(model.named_modules())
+        if any(type(m).__name__ == "GPT2Attention" for m in modules.values()):
+            raise ConfigError("prune=structured does not prune GPT-2 blocks (causal_lm: their fused "
+                              "query/key/value projection) yet; use prune=magnitude or prune=none")
         heads = attention_heads(model)  # a BERT-style transformer: whole heads and MLP width only
         if heads:
             paths = [*(ignore or []), *transformer_fixed_layers(model, heads)]
