@@ -11,10 +11,11 @@ Every run is a `kdpipe` command, printed before it starts, against `<workdir>/ml
 whose run finished in an earlier invocation is skipped. Phases:
 
 - `teacher`: the topic teacher (transformer, 4 layers of 128) and the LM teacher (causal_lm, 4 layers
-  of 128), trained once (seed 0); every student loads them with `teacher.checkpoint`, so their
-  outputs are computed once (top-k per token for the LM);
+  of 128), trained once (seed 0) at each rate of `TEACHER_LRS`; the one with the best validation
+  accuracy (perplexity) teaches. Every student loads it with `teacher.checkpoint`, so its outputs
+  are computed once (top-k per token for the LM);
 - `search`: seed 0, validation split: the scratch student's learning rate, then KD's temperature and
-  alpha at that rate (topics); the LM student's rate from scratch;
+  alpha at that rate (topics); the LM student's rate from scratch (the distilled LM students use it);
 - `final`: seeds 0-2 at the chosen settings: topics scratch vs KD; LM scratch vs each token-level
   divergence (forward KL, reverse KL, JSD, skew KL) at alpha 0.5, T 1;
 - `report`: the tables (printed, and `<workdir>/report.md`).
@@ -46,7 +47,8 @@ TASKS = {
            "student": ["student=causal_lm_small"], "metric": "ppl"},
 }
 LM_SCHEMES = ("lm_forward_kl", "lm_reverse_kl", "lm_jsd", "lm_skew_kl")
-LRS = (0.0005, 0.001, 0.002)
+LRS = {"topics": (0.0005, 0.001, 0.002), "lm": (0.0005, 0.001, 0.002)}
+TEACHER_LRS = (0.0005, 0.002)
 KD_GRID = [(t, a) for t in (1.0, 2.0, 4.0) for a in (0.5, 0.9)]
 
 
@@ -94,8 +96,17 @@ class Bench:
             if any(list(pool.map(one, todo))):
                 sys.exit("some runs failed; see the logs in the workdir")
 
+    def teacher_name(self, task: str) -> str:
+        """The teacher run of `task` with the best validation accuracy (perplexity)."""
+        metric = TASKS[task]["metric"]
+        runs = self.pipeline_runs()
+        scores = {lr: self.stage_run(runs[f"{task}-teacher-lr{lr:g}"], "teacher").data.metrics
+                  [f"val/{metric}"] for lr in TEACHER_LRS}
+        best = (max if metric == "acc" else min)(scores, key=scores.get)
+        return f"{task}-teacher-lr{best:g}"
+
     def teacher_file(self, task: str) -> str:
-        return str(self.workdir / "runs" / f"{task}-teacher" / "teacher" / "model.pt")
+        return str(self.workdir / "runs" / self.teacher_name(task) / "teacher" / "model.pt")
 
     def student_cmd(self, task: str, seed: int, extra: list[str]) -> list[str]:
         t = TASKS[task]
@@ -111,28 +122,29 @@ class Bench:
     # -- phases ---------------------------------------------------------------------------------
 
     def teacher(self) -> None:
-        self.run([(f"{task}-teacher", [*t["data"], *COMMON, "seed=0", *t["teacher"], *t["student"],
-                                       "distill=none",
+        self.run([(f"{task}-teacher-lr{lr:g}", [*t["data"], *COMMON, "seed=0", *t["teacher"], *t["student"],
+                                                  f"optim.lr={lr:g}", "distill=none",
                                        f"teacher.max_epochs={self.args.teacher_epochs[task]}",
-                                       "student.max_epochs=1", f"tracking.experiment=bench_text_{task}"])
-                  for task, t in TASKS.items()])
+                                                  "student.max_epochs=1",
+                                                  f"tracking.experiment=bench_text_{task}"])
+                  for task, t in TASKS.items() for lr in TEACHER_LRS])
 
     def chosen(self) -> dict[str, list[str]]:
         """The settings the search picked on the validation split."""
-        lr_topics = max(LRS, key=lambda lr: self.val(f"topics-none-lr{lr:g}-s0", "acc"))
-        lr_lm = min(LRS, key=lambda lr: self.val(f"lm-none-lr{lr:g}-s0", "ppl"))
+        lr_topics = max(LRS["topics"], key=lambda lr: self.val(f"topics-none-lr{lr:g}-s0", "acc"))
+        lr_lm = min(LRS["lm"], key=lambda lr: self.val(f"lm-none-lr{lr:g}-s0", "ppl"))
         t, a = max(KD_GRID, key=lambda ta: self.val(f"topics-kd-T{ta[0]:g}-a{ta[1]:g}-s0", "acc"))
         return {"topics-none": [f"optim.lr={lr_topics:g}", "distill=none"],
                 "topics-kd": [f"optim.lr={lr_topics:g}", "distill=kd", f"distill.temperature={t:g}",
                               f"distill.alpha={a:g}"],
                 "lm-none": [f"optim.lr={lr_lm:g}", "distill=none"],
-                **{f"lm-{s}": [f"optim.lr={lr_lm:g}", f"distill={s}"] for s in LM_SCHEMES}}
+                **{f"lm-{s}": [f"optim.lr={lr_lm:g}", f"distill={s}"] for s in self.args.lm_schemes}}
 
     def search(self) -> None:
         jobs = [(f"{task}-none-lr{lr:g}-s0", self.student_cmd(task, 0, [f"optim.lr={lr:g}", "distill=none"]))
-                for task in TASKS for lr in LRS]
+                for task in TASKS for lr in LRS[task]]
         self.run(jobs)
-        lr = max(LRS, key=lambda lr: self.val(f"topics-none-lr{lr:g}-s0", "acc"))
+        lr = max(LRS["topics"], key=lambda lr: self.val(f"topics-none-lr{lr:g}-s0", "acc"))
         self.run([(f"topics-kd-T{t:g}-a{a:g}-s0",
                    self.student_cmd("topics", 0, [f"optim.lr={lr:g}", "distill=kd",
                                                   f"distill.temperature={t:g}", f"distill.alpha={a:g}"]))
@@ -148,9 +160,11 @@ class Bench:
         lines = []
         for task, t in TASKS.items():
             metric = t["metric"]
-            teacher = self.stage_run(runs[f"{task}-teacher"], "teacher").data.metrics
+            name = self.teacher_name(task)
+            teacher = self.stage_run(runs[name], "teacher").data.metrics
             shown = self.fmt(metric, [teacher[f"test/{metric}"]])
-            lines += [f"\n### {task}: teacher test {metric} {shown}\n",
+            lines += [f"\n### {task}: teacher `{name}`, test {metric} {shown}, val {metric} "
+                      f"{self.fmt(metric, [teacher[f'val/{metric}']])}\n",
                       f"| student | setting (chosen on val) | test {metric} (mean ± std, last epoch) "
                       f"| val {metric} | int8 test {metric} | params |", "|---|---|---|---|---|---|"]
             for name, extra in self.chosen().items():
@@ -187,6 +201,7 @@ def main() -> None:
     ap.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--lm-schemes", nargs="+", choices=LM_SCHEMES, default=list(LM_SCHEMES))
     ap.add_argument("--epochs", type=lambda s: dict(kv.split("=") for kv in s.split(",")),
                     default={"topics": 15, "lm": 10}, help="student epochs per task, e.g. topics=15,lm=10")
     ap.add_argument("--teacher-epochs", type=lambda s: dict(kv.split("=") for kv in s.split(",")),
