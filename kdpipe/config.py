@@ -81,11 +81,11 @@ TRANSFORMERS = ("transformer_classifier", "causal_lm", "task_router", "multitask
 
 def _warn_transformer_rate(cfg: DictConfig) -> None:
     """One line when a transformer would train at the CNNs' learning rate (0.01), far above the
-    ~5e-4 transformers train at: the run works, but learns little."""
+    1e-3 to 2e-3 small transformers train at: the run works, but learns little."""
     lr = OmegaConf.select(cfg, "optim.lr")
     targets = [str(OmegaConf.select(cfg, f"{role}.model._target_") or "") for role in ("teacher", "student")]
     if isinstance(lr, (int, float)) and lr > 3e-3 and any(t.endswith(TRANSFORMERS) for t in targets):
-        print(f"kdpipe: warning: optim.lr={lr:g} is a CNN's rate; transformers train at about 5e-4: add "
+        print(f"kdpipe: warning: optim.lr={lr:g} is a CNN's rate; small transformers train at about 2e-3: add "
               f"optim=adamw_transformer (docs/text.md)", file=sys.stderr)
 
 
