@@ -85,8 +85,8 @@ def _warn_transformer_rate(cfg: DictConfig) -> None:
     lr = OmegaConf.select(cfg, "optim.lr")
     targets = [str(OmegaConf.select(cfg, f"{role}.model._target_") or "") for role in ("teacher", "student")]
     if isinstance(lr, (int, float)) and lr > 3e-3 and any(t.endswith(TRANSFORMERS) for t in targets):
-        print(f"kdpipe: warning: optim.lr={lr:g} is a CNN's rate; small transformers train at about 2e-3: add "
-              f"optim=adamw_transformer (docs/text.md)", file=sys.stderr)
+        print(f"kdpipe: warning: optim.lr={lr:g} is a CNN's rate; small transformers train at about 2e-3: "
+              f"add optim=adamw_transformer (docs/text.md)", file=sys.stderr)
 
 
 def _arch(role: str, resolve, data) -> dict:
