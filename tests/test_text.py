@@ -300,14 +300,20 @@ def test_a_text_classifier_runs_every_stage_and_logs_them(store, tmp_path):
     assert pruned["model/flops"] < 0.8 * distill["model/flops"]
 
 
-def test_a_causal_language_model_is_distilled_token_by_token_and_logs_perplexity(store, tmp_path):
-    (tmp_path / "corpus.txt").write_text("\n\n".join(t for t, _ in topic_texts(120)))
+def language_model_pipeline(tmp_path, documents: int, *overrides: str) -> dict:
+    """The real kdpipe command on a small corpus with a causal LM teacher and student: the stage
+    runs by stage."""
+    (tmp_path / "corpus.txt").write_text("\n\n".join(t for t, _ in topic_texts(documents)))
     cmd = ["data=text_lm", f"data.path={tmp_path / 'corpus.txt'}", "teacher=causal_lm",
-           "student=causal_lm_small", "distill=lm_jsd", "distill.scheme.cache_topk=8", "prune=none",
-           "quantize=dynamic", *TEXT_FAST]
+           "student=causal_lm_small", "prune=none", *overrides, *TEXT_FAST]
     proc = run_cli(cmd, tmp_path, {"KDPIPE_CACHE_DIR": str(tmp_path / "cache")}, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = {r.data.tags.get("kdpipe.stage"): r for r in stage_runs()}
+    return {r.data.tags.get("kdpipe.stage"): r for r in stage_runs()}
+
+
+def test_a_causal_language_model_is_distilled_token_by_token_and_logs_perplexity(store, tmp_path):
+    runs = language_model_pipeline(tmp_path, 120, "distill=lm_jsd", "distill.scheme.cache_topk=8",
+                                   "quantize=dynamic")
     distill = runs["distill"]
     assert distill.data.tags["kdpipe.teacher_cache"] == "computed"
     assert "train/loss_div" in distill.data.metrics and "val/ppl" in distill.data.metrics
@@ -412,13 +418,8 @@ def test_sequence_level_kd_trains_on_the_teachers_own_continuations(store, tmp_p
         for t in range(3, 8):
             live = gy[:, t - 1] != UNLABELED
             assert torch.equal(teacher(gx[:, :t])[:, -1].argmax(-1)[live], gy[live, t - 1])
-    (tmp_path / "corpus.txt").write_text("\n\n".join(t for t, _ in topic_texts(80)))
-    cmd = ["data=text_lm", f"data.path={tmp_path / 'corpus.txt'}", "teacher=causal_lm",
-           "student=causal_lm_small", "distill=sequence_kd", "distill.scheme.prefix_tokens=3", "prune=none",
-           "quantize=none", *TEXT_FAST]
-    proc = run_cli(cmd, tmp_path, {"KDPIPE_CACHE_DIR": str(tmp_path / "cache")}, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = {r.data.tags.get("kdpipe.stage"): r for r in stage_runs()}
+    runs = language_model_pipeline(tmp_path, 80, "distill=sequence_kd", "distill.scheme.prefix_tokens=3",
+                                   "quantize=none")
     assert runs["distill"].data.tags["kdpipe.sequences"] == "computed"
     stored = [f.path for f in MlflowClient().list_artifacts(runs["teacher"].info.run_id, "synthetic")]
     assert len(stored) == 1 and stored[0].startswith("synthetic/sequences_")
