@@ -18,6 +18,8 @@ whose run finished in an earlier invocation is skipped. Phases:
   alpha at that rate (topics); the LM student's rate from scratch (the distilled LM students use it);
 - `final`: seeds 0-2 at the chosen settings: topics scratch vs KD; LM scratch vs each token-level
   divergence (forward KL, reverse KL, JSD, skew KL) at alpha 0.5, T 1;
+- `scarce`: 10 % of the topic labels (`data.labeled_fraction=0.1`): scratch on the labeled texts against
+  KD on every text from the full-label teacher, each at its setting chosen on val, seeds 0-2;
 - `report`: the tables (printed, and `<workdir>/report.md`).
 """
 
@@ -37,7 +39,7 @@ from pathlib import Path
 import mlflow
 
 REPO = Path(__file__).resolve().parent.parent
-PHASES = ("teacher", "search", "final", "report")
+PHASES = ("teacher", "search", "final", "scarce", "report")
 COMMON = ["prune=none", "quantize=dynamic", "optim=adamw_transformer", "trainer.enable_progress_bar=false",
           "eval.latency_iters=20", "eval.latency_warmup=3"]
 TASKS = {
@@ -46,6 +48,11 @@ TASKS = {
     "lm": {"data": ["data=fortunes_lm"], "teacher": ["teacher=causal_lm", "teacher.model.width=128"],
            "student": ["student=causal_lm_small"], "metric": "ppl"},
 }
+# Few labels (Hinton's transfer set): the topic student sees the labels of 10 % of the training texts
+# and the full-label teacher's outputs on all of them; scratch learns from the labeled 10 % alone.
+TASKS["topics10"] = {**TASKS["topics"], "data": ["data=fortunes_topics", "data.labeled_fraction=0.1"],
+                     "teacher_of": "topics"}
+KD_SCARCE = [(1.0, 0.9), (4.0, 0.9)]
 LM_SCHEMES = ("lm_forward_kl", "lm_reverse_kl", "lm_jsd", "lm_skew_kl")
 LRS = {"topics": (0.0005, 0.001, 0.002), "lm": (0.0005, 0.001, 0.002)}
 TEACHER_LRS = (0.0005, 0.002)
@@ -98,6 +105,7 @@ class Bench:
 
     def teacher_name(self, task: str) -> str:
         """The teacher run of `task` with the best validation accuracy (perplexity)."""
+        task = TASKS[task].get("teacher_of", task)
         metric = TASKS[task]["metric"]
         runs = self.pipeline_runs()
         scores = {lr: self.stage_run(runs[f"{task}-teacher-lr{lr:g}"], "teacher").data.metrics
@@ -112,8 +120,14 @@ class Bench:
         t = TASKS[task]
         return [*t["data"], *COMMON, f"seed={seed}", "data.seed=0", *t["teacher"],
                 f"teacher.checkpoint={self.teacher_file(task)}", *t["student"],
-                f"student.max_epochs={self.args.epochs[task]}", f"tracking.experiment=bench_text_{task}",
+                f"student.max_epochs={self.epochs(task, extra)}", f"tracking.experiment=bench_text_{task}",
                 *extra]
+
+    def epochs(self, task: str, extra: list[str]) -> int:
+        """Student epochs: the task's; with few labels, scratch gets 4x as many (it sees a tenth of
+        the texts per epoch; still fewer optimiser steps than the distilled student's)."""
+        base = int(self.args.epochs[TASKS[task].get("teacher_of", task)])
+        return 4 * base if task == "topics10" and "distill=none" in extra else base
 
     def val(self, name: str, metric: str) -> float:
         run = self.stage_run(self.pipeline_runs()[name], "distill")
@@ -127,7 +141,7 @@ class Bench:
                                        f"teacher.max_epochs={self.args.teacher_epochs[task]}",
                                                   "student.max_epochs=1",
                                                   f"tracking.experiment=bench_text_{task}"])
-                  for task, t in TASKS.items() for lr in TEACHER_LRS])
+                  for task, t in TASKS.items() if "teacher_of" not in t for lr in TEACHER_LRS])
 
     def chosen(self) -> dict[str, list[str]]:
         """The settings the search picked on the validation split."""
@@ -142,7 +156,7 @@ class Bench:
 
     def search(self) -> None:
         jobs = [(f"{task}-none-lr{lr:g}-s0", self.student_cmd(task, 0, [f"optim.lr={lr:g}", "distill=none"]))
-                for task in TASKS for lr in LRS[task]]
+                for task in ("topics", "lm") for lr in LRS[task]]
         self.run(jobs)
         lr = max(LRS["topics"], key=lambda lr: self.val(f"topics-none-lr{lr:g}-s0", "acc"))
         self.run([(f"topics-kd-T{t:g}-a{a:g}-s0",
@@ -155,9 +169,33 @@ class Bench:
                 for (name, extra), seed in itertools.product(self.chosen().items(), self.args.seeds)]
         self.run(jobs)
 
+    def scarce_chosen(self) -> dict[str, list[str]]:
+        lr = max(LRS["topics"], key=lambda lr: self.val(f"topics10-none-lr{lr:g}-s0", "acc"))
+        t, a = max(KD_SCARCE, key=lambda ta: self.val(f"topics10-kd-T{ta[0]:g}-a{ta[1]:g}-s0", "acc"))
+        return {"topics10-none": [f"optim.lr={lr:g}", "distill=none"],
+                "topics10-kd": [f"optim.lr={lr:g}", "distill=kd", f"distill.temperature={t:g}",
+                                f"distill.alpha={a:g}"]}
+
+    def scarce(self) -> None:
+        """10 % labels: scratch's rate on val, KD's T at that rate on val, then seeds 0-2 of both."""
+        self.run([(f"topics10-none-lr{lr:g}-s0", self.student_cmd("topics10", 0, [f"optim.lr={lr:g}",
+                                                                                  "distill=none"]))
+                  for lr in LRS["topics"]])
+        lr = max(LRS["topics"], key=lambda lr: self.val(f"topics10-none-lr{lr:g}-s0", "acc"))
+        self.run([(f"topics10-kd-T{t:g}-a{a:g}-s0",
+                   self.student_cmd("topics10", 0, [f"optim.lr={lr:g}", "distill=kd",
+                                                    f"distill.temperature={t:g}", f"distill.alpha={a:g}"]))
+                  for t, a in KD_SCARCE])
+        chosen = self.scarce_chosen().items()
+        self.run([(f"{name}-s{seed}", self.student_cmd("topics10", seed, extra))
+                  for (name, extra), seed in itertools.product(chosen, self.args.seeds)])
+
     def report(self) -> None:
         runs = self.pipeline_runs()
         lines = []
+        chosen = self.chosen()
+        if any(n.startswith("topics10-kd-s") for n in runs):
+            chosen.update(self.scarce_chosen())
         for task, t in TASKS.items():
             metric = t["metric"]
             name = self.teacher_name(task)
@@ -167,8 +205,8 @@ class Bench:
                       f"{self.fmt(metric, [teacher[f'val/{metric}']])}\n",
                       f"| student | setting (chosen on val) | test {metric} (mean ± std, last epoch) "
                       f"| val {metric} | int8 test {metric} | params |", "|---|---|---|---|---|---|"]
-            for name, extra in self.chosen().items():
-                if not name.startswith(task):
+            for name, extra in chosen.items():
+                if name.split("-")[0] != task:
                     continue
                 found = [runs.get(f"{name}-s{s}") for s in self.args.seeds]
                 stages = [(self.stage_run(r, "distill"), self.stage_run(r, "quantize")) for r in found if r]
@@ -178,7 +216,7 @@ class Bench:
                 val = [d.data.metrics[f"val/{metric}"] for d, _ in stages]
                 q = [q.data.metrics[f"test/{metric}"] for _, q in stages if q]
                 params = int(stages[0][0].data.metrics["model/params"])
-                cells = [name.split("-", 1)[1], f"`{' '.join(extra)}`",
+                cells = [name.split("-", 1)[1], f"`{' '.join(extra)}`, {self.epochs(task, extra)} epochs",
                          f"{self.fmt(metric, test)} (n={len(test)})", self.fmt(metric, val),
                          self.fmt(metric, q), f"{params:,}"]
                 lines.append("| " + " | ".join(cells) + " |")
