@@ -223,6 +223,39 @@ class Bench:
         text = "\n".join(lines) + "\n"
         (self.workdir / "report.md").write_text(text)
         print(text)
+        self.plot(chosen, runs)
+
+    def plot(self, chosen: dict[str, list[str]], runs: dict) -> None:
+        """`<workdir>/curves.png`: each student's validation curve per epoch, mean over the seeds."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        client = mlflow.tracking.MlflowClient()
+        tasks = [t for t in TASKS if any(n.split("-")[0] == t and f"{n}-s0" in runs for n in chosen)]
+        fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.6), squeeze=False)
+        for ax, task in zip(axes[0], tasks, strict=True):
+            metric = TASKS[task]["metric"]
+            for name in (n for n in chosen if n.split("-")[0] == task):
+                curves = []
+                for seed in self.args.seeds:
+                    if f"{name}-s{seed}" in runs:
+                        run = self.stage_run(runs[f"{name}-s{seed}"], "distill")
+                        trained = run.data.tags.get("kdpipe.reused_from", run.info.run_id)  # its curve
+                        history = sorted(client.get_metric_history(trained, f"val/{metric}"),
+                                         key=lambda m: m.step)
+                        curves.append([m.value * (100 if metric == "acc" else 1) for m in history])
+                if curves:
+                    n = min(len(c) for c in curves)
+                    ax.plot(range(1, n + 1), [statistics.mean(c[i] for c in curves) for i in range(n)],
+                            marker="o", ms=3, label=name.split("-", 1)[1])
+            ax.set(title=task, xlabel="epoch", ylabel=f"val {metric}" + (" %" if metric == "acc" else ""))
+            if metric == "ppl":
+                ax.set_yscale("log")
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(self.workdir / "curves.png", dpi=110)
 
     @staticmethod
     def fmt(metric: str, values: list[float]) -> str:
