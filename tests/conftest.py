@@ -40,6 +40,9 @@ def use_store(monkeypatch: pytest.MonkeyPatch, root: Path) -> str:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("KDPIPE_LOCK_DIR", str(root / "locks"))
     mlflow.set_tracking_uri(uri)
+    # MLflow remembers the active experiment's id across stores: one set by an earlier test in this
+    # worker would not exist here. Start from this store's Default experiment, as a fresh process does.
+    mlflow.set_experiment("Default")
     return uri
 
 

@@ -130,7 +130,7 @@ class StructuredPruner:
             round_to=int(round_to) if round_to else None,
             pruning_ratio_dict={modules[p]: 0.0 for p in self.layer_scale} or None,
             forward_fn=(lambda m, x: m.forward_all(x)) if forward_all is not None else None,
-            num_heads=heads or None, prune_num_heads=bool(heads), prune_head_dims=False)
+            num_heads=heads, prune_num_heads=bool(heads), prune_head_dims=False)
         model.train(was_training)
         self._initial = self._widths()
 
