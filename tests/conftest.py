@@ -39,10 +39,12 @@ def use_store(monkeypatch: pytest.MonkeyPatch, root: Path) -> str:
     monkeypatch.chdir(root)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("KDPIPE_LOCK_DIR", str(root / "locks"))
+    # MLflow remembers the active experiment across stores, in a module global and in
+    # MLFLOW_EXPERIMENT_ID (set in-process by set_experiment): an earlier test's would not exist in
+    # this store. Start without either, as a fresh process does (no public API resets the global).
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
     mlflow.set_tracking_uri(uri)
-    # MLflow remembers the active experiment's id across stores: one set by an earlier test in this
-    # worker would not exist here. Start from this store's Default experiment, as a fresh process does.
-    mlflow.set_experiment("Default")
     return uri
 
 

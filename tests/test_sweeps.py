@@ -220,7 +220,10 @@ def test_experiments_and_the_slurm_launcher_compose():
         cfg = compose("config", overrides=["experiment=scheme_comparison"], return_hydra_config=True)
         schemes = cfg.hydra.sweeper.params["distill"].split(",")
         options = {p.stem for p in (Path(CONFIG_PATH) / "distill").glob("*.yaml")}
-        assert schemes[0] == "none" and set(schemes) == options  # scratch against every scheme
+        # scratch against every scheme of the image models (the text ones need transformer layer
+        # paths or a language model: docs/text.md)
+        text = {"lm_forward_kl", "lm_reverse_kl", "lm_jsd", "lm_skew_kl", "sequence_kd", "tinybert", "minilm"}
+        assert schemes[0] == "none" and set(schemes) == options - text
         for scheme in schemes:  # each is a real option of the distill group
             assert compose("config", overrides=[f"distill={scheme}"]).distill
         slurm = compose("config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
