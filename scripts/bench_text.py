@@ -262,8 +262,9 @@ class Bench:
         if not values:
             return ""
         scale = 100 if metric == "acc" else 1
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{scale * statistics.mean(values):.2f} ± {scale * sd:.2f}"
+        if len(values) == 1:
+            return f"{scale * values[0]:.2f}"
+        return f"{scale * statistics.mean(values):.2f} ± {scale * statistics.stdev(values):.2f}"
 
 
 def main() -> None:
