@@ -201,7 +201,9 @@ class Bench:
             name = self.teacher_name(task)
             teacher = self.stage_run(runs[name], "teacher").data.metrics
             shown = self.fmt(metric, [teacher[f"test/{metric}"]])
-            lines += [f"\n### {task}: teacher `{name}`, test {metric} {shown}, val {metric} "
+            title = {"topics": "topics, every label", "lm": "causal language model",
+                     "topics10": "topics, 10 % of the labels"}.get(task, task)
+            lines += [f"\n### {title}: teacher `{name}`, test {metric} {shown}, val {metric} "
                       f"{self.fmt(metric, [teacher[f'val/{metric}']])}\n",
                       f"| student | setting (chosen on val) | test {metric} (mean ± std, last epoch) "
                       f"| val {metric} | int8 test {metric} | params |", "|---|---|---|---|---|---|"]
