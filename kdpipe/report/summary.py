@@ -10,11 +10,15 @@ def print_summary(rows: list[dict], parent: dict[str, float], ui_command: str,
                   console: Console | None = None) -> None:
     console = console or Console(stderr=False)
     table = Table(title="kdpipe: models of this pipeline")
-    for col in ("stage", "test acc", "params", "nonzero", "size", "FLOPs", "p50 ms"):
+    lm = all("test/ppl" in r for r in rows)  # a language model: perplexity first, next-token accuracy
+    columns = ("stage", *(("test ppl",) if lm else ()), "test acc", "params", "nonzero", "size", "FLOPs",
+               "p50 ms")
+    for col in columns:
         table.add_column(col, justify="right" if col != "stage" else "left")
     for r in rows:
         table.add_row(
             r["stage"] + (" (int8)" if r["kind"] == "onnx" else ""),
+            *((f"{r['test/ppl']:.2f}",) if lm else ()),
             f"{100 * r['test/acc']:.2f}%",
             f"{int(r['model/params']):,}",
             f"{int(r['model/nonzero_params']):,}",
