@@ -2,6 +2,7 @@
 
 import functools
 import hashlib
+import os
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -15,6 +16,12 @@ def source_digest(root: Path) -> str:
     for path in sorted(root.rglob("*.py")):
         digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:12]
+
+
+def cache_dir(name: str) -> Path:
+    """`$KDPIPE_CACHE_DIR/<name>` (default `~/.cache/kdpipe/<name>`): what kdpipe keeps between jobs
+    (normalisation statistics, tokenizers, the MLflow schema template)."""
+    return Path(os.environ.get("KDPIPE_CACHE_DIR", Path.home() / ".cache" / "kdpipe")) / name
 
 
 @functools.cache

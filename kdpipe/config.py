@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationKeyError
 
@@ -58,7 +58,7 @@ def validate(cfg: DictConfig) -> None:
     data = cfg.data
     _, example = config_example(data)
     num_classes = int(data.num_classes)
-    dims = 3 if str(data.get("_target_", "")).endswith("LanguageModelDataModule") else 2
+    dims = 3 if getattr(get_class(str(data._target_)), "kind", "") == "lm" else 2  # next-token logits
 
     check_config(cfg)  # the ranges, also checked on the command line before this module is imported
     check_compression(cfg)

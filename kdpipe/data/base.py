@@ -15,7 +15,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from kdpipe import limits
+from kdpipe import cache_dir, limits
 from kdpipe.errors import ConfigError
 
 # The label of a training image whose label is hidden (`labeled_fraction` < 1): PyTorch's
@@ -46,12 +46,18 @@ def splits_fingerprint(splits: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> 
     return digest.hexdigest()
 
 
+# The token of example text inputs: the first id after kdpipe.data.text's special tokens (<pad>,
+# <bos>, <eos>, <unk>), so an example is a full-length sequence without padding. In multi-task data
+# it is <task0>, the task token a multi-task model reads first.
+TEXT_EXAMPLE_TOKEN = 4
+
+
 def config_example(data, batch: int = 2) -> tuple[tuple[int, ...], torch.Tensor]:
     """(input shape, an example batch) from a `data` config, before any data is read: token ids of
     `max_length` for text data (kdpipe.data.text), zero images of channels x height x width else."""
     if data.get("max_length") is not None:
         length = int(data.max_length)
-        return (length,), torch.full((batch, length), 4, dtype=torch.long)
+        return (length,), torch.full((batch, length), TEXT_EXAMPLE_TOKEN, dtype=torch.long)
     shape = (int(data.channels), int(data.height), int(data.width))
     return shape, torch.zeros(batch, *shape)
 
@@ -188,8 +194,7 @@ class TensorDataModule(pl.LightningDataModule):
             blob = json.dumps({"class": type(self).__name__, "key": key, "seed": self.seed,
                                "val_fraction": self.val_fraction, "test_fraction": self.test_fraction},
                               sort_keys=True, default=str)
-            root = Path(os.environ.get("KDPIPE_CACHE_DIR", Path.home() / ".cache" / "kdpipe")) / "stats"
-            cache = root / f"{hashlib.sha256(blob.encode()).hexdigest()[:20]}.json"
+            cache = cache_dir("stats") / f"{hashlib.sha256(blob.encode()).hexdigest()[:20]}.json"
             if cache.is_file():
                 saved = json.loads(cache.read_text())
                 if len(saved["mean"]) == x_train.shape[1]:

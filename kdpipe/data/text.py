@@ -15,17 +15,15 @@ from pathlib import Path
 
 import torch
 
-from kdpipe.data.base import UNLABELED, TensorDataModule, splits_fingerprint
+from kdpipe import cache_dir
+from kdpipe.data.base import TEXT_EXAMPLE_TOKEN, UNLABELED, TensorDataModule, splits_fingerprint
 from kdpipe.data.text_sources import class_names, fortunes_samples, read_documents, read_samples
 from kdpipe.errors import ConfigError
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # the byte alphabet and the special tokens, before any merge
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("KDPIPE_CACHE_DIR", Path.home() / ".cache" / "kdpipe"))
+assert TEXT_EXAMPLE_TOKEN == len(SPECIAL_TOKENS)  # the first id after them
 
 
 def train_tokenizer(texts: list[str], vocab_size: int, lowercase: bool = False, extra_special: tuple = ()):
@@ -143,7 +141,7 @@ class TextDataModule(TensorDataModule):
                                             "special": list(extra)}).encode())
         for t in train_texts:
             digest.update(t.encode("utf-8", "replace") + b"\0")
-        cache = cache_root() / "tokenizers" / f"{digest.hexdigest()[:20]}.json"
+        cache = cache_dir("tokenizers") / f"{digest.hexdigest()[:20]}.json"
         self.tokenizer_cached = cache.is_file()
         if self.tokenizer_cached:
             tok = load_tokenizer(cache)
@@ -176,8 +174,7 @@ class TextDataModule(TensorDataModule):
     def example_input(self, batch: int = 1) -> torch.Tensor:
         """Sequences of the full `max_length` (no padding): what latency is measured on, and the
         shape models are traced and exported with."""
-        return torch.full((batch, self.max_length), min(len(SPECIAL_TOKENS), self.vocab_size - 1),
-                          dtype=torch.long)
+        return torch.full((batch, self.max_length), TEXT_EXAMPLE_TOKEN, dtype=torch.long)
 
 
 class FortunesDataModule(TextDataModule):
@@ -296,8 +293,3 @@ class MultiTaskTextDataModule(TextDataModule):
         task = torch.bucketize(labels, starts, right=True) - 1
         base = self.tokenizer.token_to_id("<task0>")
         return torch.cat([(base + task).unsqueeze(1), ids[:, :-1]], 1), labels
-
-    def example_input(self, batch: int = 1) -> torch.Tensor:
-        x = super().example_input(batch)
-        x[:, 0] = len(SPECIAL_TOKENS)  # <task0>
-        return x

@@ -161,12 +161,10 @@ def read_documents(path: str | os.PathLike | None, text_key: str = "text",
         docs = [f.read_text(encoding="utf-8", errors="replace").strip() for f in files]
         found = {"all": ([d for d in docs if d], [0] * sum(1 for d in docs if d))}
     else:
-        kind = source_kind(p)
-        if kind == "hf":
-            found = {k: (t, [0] * len(t)) for k, (t, _) in _hf(p, text_key, text_key).items()}
-        else:
-            found = {"all": (_rows(p, text_key, text_key)[0], [])}
-            found["all"] = (found["all"][0], [0] * len(found["all"][0]))
+        # the text column only: it stands in for the label column these readers also check
+        hf = source_kind(p) == "hf"
+        parts = _hf(p, text_key, text_key) if hf else {"all": _rows(p, text_key, text_key)}
+        found = {k: (texts, [0] * len(texts)) for k, (texts, _) in parts.items()}
     for name, (docs, _) in found.items():
         if not docs:
             raise ConfigError(f"{p}: no text{'' if name == 'all' else f' in its {name} split'}")

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from kdpipe.errors import ConfigError
-from kdpipe.losses.token import topk_logits
+from kdpipe.losses.token import TopK, topk_logits
 from kdpipe.tracking.store import stage_lock
 
 log = logging.getLogger("kdpipe")
@@ -63,11 +63,13 @@ def compute_logits(teacher: nn.Module, train_set: TensorDataset, batch_size: int
     is set: a vocabulary's worth of floats per token would not fit on disk."""
     teacher.eval()
     loader = DataLoader(train_set, batch_size=batch_size, shuffle=False)
-    outs = [teacher(batch[0]) for batch in loader]
-    if outs and outs[0].dim() == 3 and topk:
-        parts = [topk_logits(o, int(topk)) for o in outs]
-        return {"values": torch.cat([p.values for p in parts]),
-                "indices": torch.cat([p.indices for p in parts])}
+    outs = []
+    for batch in loader:  # each batch cut to top-k at once: a batch of dense LM logits is what is held
+        out = teacher(batch[0])
+        outs.append(topk_logits(out, int(topk)) if topk and out.dim() == 3 else out)
+    if outs and isinstance(outs[0], TopK):
+        return {"values": torch.cat([o.values for o in outs]),
+                "indices": torch.cat([o.indices for o in outs])}
     return torch.cat(outs)
 
 

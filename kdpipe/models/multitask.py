@@ -19,6 +19,15 @@ from torch import nn
 MASKED = -1e4  # a logit whose probability underflows to 0 in float32 softmax, and stays finite
 
 
+def task_rows(target: torch.Tensor, task_ranges: Mapping[str, tuple[int, int]] | None):
+    """(task, bool mask of the rows whose global label is that task's) for each task with rows: how
+    per-task metrics are cut out of a multi-task batch or split."""
+    for name, (lo, hi) in (task_ranges or {}).items():
+        rows = (target >= lo) & (target < hi)
+        if bool(rows.any()):
+            yield name, rows
+
+
 def task_mask(ids: torch.Tensor, sizes: Sequence[int], token_base: int) -> torch.Tensor:
     """(B, sum(sizes)) bool: True on the classes of each sample's task (read from its first token)."""
     task = (ids[:, 0] - token_base).clamp(0, len(sizes) - 1)

@@ -4,38 +4,22 @@ baseline, and the base of the distillation module."""
 from __future__ import annotations
 
 import functools
-import math
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from kdpipe.exits.model import exit_terms
 from kdpipe.losses.base import label_cross_entropy
 from kdpipe.losses.token import token_rows
+from kdpipe.models.multitask import task_rows
 from kdpipe.training import Optim
 
 
-class _Sum:
-    """Token-weighted sum of the validation loss over an epoch (a language model's perplexity)."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def update(self, nll: torch.Tensor, n: int) -> None:
-        self.nll, self.total = self.nll + float(nll), self.total + n
-
-    def reset(self) -> None:
-        self.nll, self.total = 0.0, 0
-
-
 class ClassifierModule(pl.LightningModule):
-    # multi-task data (kdpipe.data.text.MultiTaskTextDataModule): task -> its global class range;
-    # set by the Fitter from the data module, so every module logs per-task metrics
-    task_ranges: dict[str, tuple[int, int]] | None = None
-
     """Holds one model, its optimiser settings and its metrics.
 
     Logs per epoch `train/loss`, `val/loss`, `val/acc`, and `test/acc` on `trainer.test`. A language
@@ -43,6 +27,10 @@ class ClassifierModule(pl.LightningModule):
     accuracy is next-token accuracy, and `val/ppl` its perplexity.
     Subclasses override `training_loss` to return named loss terms; their sum is the loss.
     """
+
+    # multi-task data (kdpipe.data.text.MultiTaskTextDataModule): task -> its global class range;
+    # set by the Fitter from the data module, so every module logs per-task metrics
+    task_ranges: dict[str, tuple[int, int]] | None = None
 
     def __init__(self, model: nn.Module, num_classes: int, optim: Optim | None = None,
                  augment: nn.Module | None = None) -> None:
@@ -52,7 +40,7 @@ class ClassifierModule(pl.LightningModule):
         self.optim = optim or Optim(functools.partial(torch.optim.AdamW, lr=1e-3))
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
-        self.val_nll = _Sum()
+        self.val_nll = MeanMetric()  # token-weighted: a language model's perplexity is exp of it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -93,20 +81,18 @@ class ClassifierModule(pl.LightningModule):
         loss = F.cross_entropy(logits, y)
         self.log("val/loss", loss, on_epoch=True, batch_size=len(y), sync_dist=True)
         self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True, batch_size=len(y))
-        if batch[1].dim() == 2:  # next-token targets: perplexity, the token-weighted mean loss exponentiated
-            self.val_nll.update(loss.detach() * len(y), len(y))
-        for name, (lo, hi) in (self.task_ranges or {}).items():  # multi-task data: each task's own
-            rows = (y >= lo) & (y < hi)
-            if bool(rows.any()):
-                part, target, n = logits[rows], y[rows], int(rows.sum())
-                acc = (part.argmax(-1) == target).float().mean()
-                self.log(f"val/acc_{name}", acc, on_epoch=True, batch_size=n, sync_dist=True)
-                self.log(f"val/loss_{name}", F.cross_entropy(part, target), on_epoch=True, batch_size=n,
-                         sync_dist=True)
+        if batch[1].dim() == 2:  # next-token targets
+            self.val_nll.update(loss.detach(), len(y))
+        for name, rows in task_rows(y, self.task_ranges):  # multi-task data: each task's own
+            part, target, n = logits[rows], y[rows], int(rows.sum())
+            acc = (part.argmax(-1) == target).float().mean()
+            self.log(f"val/acc_{name}", acc, on_epoch=True, batch_size=n, sync_dist=True)
+            self.log(f"val/loss_{name}", F.cross_entropy(part, target), on_epoch=True, batch_size=n,
+                     sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
-        if self.val_nll.total > 0:
-            self.log("val/ppl", math.exp(min(self.val_nll.nll / self.val_nll.total, 50.0)), sync_dist=True)
+        if self.val_nll.update_count:
+            self.log("val/ppl", torch.exp(self.val_nll.compute().clamp_max(50.0)))
         self.val_nll.reset()
 
     def test_step(self, batch, batch_idx: int) -> None:

@@ -22,6 +22,7 @@ from kdpipe.faults import stop_if_terminated
 from kdpipe.metrics.measure import flops_per_sample, onnx_latency_ms, onnx_logits, torch_logits
 from kdpipe.models import count_params
 from kdpipe.models.io import load_model
+from kdpipe.models.multitask import task_rows
 from kdpipe.report.tables import fmt, markdown_table
 from kdpipe.stages.base import PipelineContext, StageOutput, StageRun, run_stage
 
@@ -36,8 +37,7 @@ def split_metrics(split: str, logits: torch.Tensor, target: torch.Tensor, num_cl
     out = {f"{split}/acc": float((logits.argmax(-1) == target).float().mean()), f"{split}/ece": float(ece)}
     if perplexity:
         out[f"{split}/ppl"] = float(torch.exp(F.cross_entropy(logits.float(), target)))
-    for name, (lo, hi) in (task_ranges or {}).items():  # multi-task data: each task's accuracy
-        rows = (target >= lo) & (target < hi)
+    for name, rows in task_rows(target, task_ranges):  # multi-task data: each task's accuracy
         out[f"{split}/acc_{name}"] = float((logits[rows].argmax(-1) == target[rows]).float().mean())
     return out
 

@@ -21,6 +21,7 @@ import mlflow
 from mlflow.entities import Param, Run
 from mlflow.tracking import MlflowClient
 
+from kdpipe import cache_dir
 from kdpipe.locks import exclusive
 from kdpipe.preflight import sqlite_path
 
@@ -87,7 +88,7 @@ def _schema_template() -> Path:
     from mlflow.store.db.utils import _initialize_tables
 
     versions = f"mlflow{mlflow.__version__}-sqlalchemy{sqlalchemy.__version__}-sqlite{sqlite3.sqlite_version}"
-    root = Path(os.environ.get("KDPIPE_CACHE_DIR", Path.home() / ".cache" / "kdpipe")) / "mlflow-schema"
+    root = cache_dir("mlflow-schema")
     template = root / f"{versions}.db"
     if template.is_file():
         return template
