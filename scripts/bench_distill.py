@@ -13,8 +13,9 @@ Phases (a phase skips the commands whose runs an earlier invocation finished):
 
 - `teacher`: cnn width 32 depth 4 (391k parameters), crop+flip augmentation, 20 epochs; every
   student loads it with `teacher.checkpoint`, so its logits are computed once per training set;
-- `search`: for each scheme, `kdpipe -m hparams_search=<scheme>` on the 1/50 student, seed 0
-  (conf/hparams_search/<scheme>.yaml: the keys and their ranges), `val/acc` maximised;
+- `search`: for each scheme, `kdpipe -m hparams_search=<scheme>` on the `--search-size` student
+  (1/50) for `--search-epochs` (10), seed 0 (conf/hparams_search/<scheme>.yaml: the keys and their
+  ranges), `val/acc` maximised; the final and scarce phases use the results of that search;
 - `final`: each student size x scheme x seeds 0-2 at the searched values (`--unsearched <scheme>`:
   at its shipped default instead); `--epochs 20` runs a longer schedule as its own experiments;
 - `scarce`: `data.labeled_fraction` 0.01 and 0.1: scratch on the labeled images (its epochs chosen
@@ -131,7 +132,7 @@ class Bench:
 
     def tuned(self, scheme: str) -> list[str]:
         """The scheme at its searched values, or at its shipped default where it was not searched."""
-        path = self.work / "search" / scheme / "optimization_results.yaml"
+        path = self.search_dir(scheme) / "optimization_results.yaml"
         if scheme in self.args.unsearched or not path.is_file():
             if scheme not in self.args.unsearched:
                 sys.exit(f"no search result for {scheme} at {path}: run --phases search first, "
@@ -140,6 +141,17 @@ class Bench:
         best = yaml.safe_load(path.read_text())["best_params"]
         return [f"distill={scheme}", *(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                        for k, v in best.items())]
+
+    def search_dir(self, scheme: str) -> Path:
+        """Where a scheme's search sweeps: `search/<scheme>` for the 1/50 student at 10 epochs, else
+        named by the student and its epochs (`--search-size`, `--search-epochs`)."""
+        return self.work / self.search_name / scheme
+
+    @property
+    def search_name(self) -> str:
+        a = self.args
+        return ("search" if (a.search_size, a.search_epochs) == ("1/50", 10)
+                else f"search-{tag(a.search_size)}-{a.search_epochs}ep")
 
     def final_name(self, size: str, scheme: str, epochs: int | None = None) -> str:
         """The experiment of one final cell; a schedule other than 10 epochs is part of its name."""
@@ -159,12 +171,14 @@ class Bench:
     def search(self) -> None:
         jobs = []
         for scheme in self.args.schemes:
-            if (self.work / "search" / scheme / "optimization_results.yaml").is_file():
+            if (self.search_dir(scheme) / "optimization_results.yaml").is_file():
                 continue
             trials = self.args.trials.get(scheme, self.args.default_trials)
-            jobs.append((["-m", f"hparams_search={scheme}", *self.student("1/50"), "seed=0",
-                          f"hydra.sweeper.n_trials={trials}", f"tracking.experiment=bench-search-{scheme}",
-                          f"hydra.sweep.dir={self.work / 'search' / scheme}"], f"search-{scheme}"))
+            exp = f"bench-{self.search_name}-{scheme}"
+            jobs.append((["-m", f"hparams_search={scheme}",
+                          *self.student(self.args.search_size, self.args.search_epochs), "seed=0",
+                          f"hydra.sweeper.n_trials={trials}", f"tracking.experiment={exp}",
+                          f"hydra.sweep.dir={self.search_dir(scheme)}"], exp))
         self.parallel(jobs)
 
     def final(self) -> None:
@@ -338,12 +352,13 @@ class Bench:
                 delta = f"{statistics.mean(kd) - statistics.mean(sc):+.2f}" if kd and sc else ""
                 lines.append(f"| {100 * frac:g} % | {mean_std(sc) if sc else ''} (n={len(sc)}) | {ep} | "
                              f"{mean_std(kd) if kd else ''} (n={len(kd)}) | {setting} | {delta} |")
-        lines += ["", "## The searches (1/50 student, seed 0, validation split)", "",
+        lines += ["", f"## The searches ({self.args.search_size} student, {self.args.search_epochs} epochs, "
+                      "seed 0, validation split)", "",
                   "| scheme | trial | val acc % |", "|---|---|---|"]
         for scheme in self.args.schemes:
-            path = self.work / "search" / scheme / "optimization_results.yaml"
+            path = self.search_dir(scheme) / "optimization_results.yaml"
             keys = list(yaml.safe_load(path.read_text())["best_params"]) if path.is_file() else []
-            for r in reversed(self.runs(f"bench-search-{scheme}")):
+            for r in reversed(self.runs(f"bench-{self.search_name}-{scheme}")):
                 trial = " ".join(f"{k}={float(r.data.params[k]):.3g}" for k in keys)
                 lines.append(f"| {scheme} | `{trial}` | {100 * r.data.metrics['val/acc']:.2f} |")
         temps = {}
@@ -417,6 +432,9 @@ def main() -> None:
     ap.add_argument("--default-trials", type=int, default=4, help="Optuna trials per scheme")
     ap.add_argument("--trials", type=json.loads, default={"kd": 6, "crd": 3, "none": 3},
                     help='trials of some schemes, JSON, e.g. \'{"kd": 8}\'')
+    ap.add_argument("--search-size", choices=list(STUDENTS), default="1/50",
+                    help="the student the search phase tunes on (its settings serve every size)")
+    ap.add_argument("--search-epochs", type=int, default=10, help="epochs of each search trial")
     ap.add_argument("--unsearched", nargs="*", default=[], choices=SEARCHABLE,
                     help="schemes the final phase runs at their shipped default instead of a search result")
     ap.add_argument("--temperature-size", choices=list(STUDENTS), default="1/10",
