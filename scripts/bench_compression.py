@@ -91,14 +91,15 @@ def rung_overrides(rung: list[str], args: argparse.Namespace) -> list[str]:
 
 
 def recovery(args: argparse.Namespace, uri: str) -> str:
-    """A teacher (cnn, width 32) distilled into the student (width 16) by KD, pruned structured 60 %
-    in one cut, then `--finetune-epochs` of fine-tuning each way of RECOVERY, for each seed; test
-    accuracy mean ± std of the last epoch, and of the student before pruning."""
+    """A teacher (cnn, width 32, trained here for each seed or loaded by `--teacher`) distilled into
+    the student (width 16) by KD, pruned structured 60 % in one cut, then `--finetune-epochs` of
+    fine-tuning each way of RECOVERY, for each seed; test accuracy mean ± std of the last epoch, and
+    of the student before pruning."""
     data = args.data or ("fashion_mnist" if fashion_mnist_available() else "digits")
     base = [f"data={data}", "distill=kd", f"student={args.student}", "student.model.width=16",
             f"trainer.max_epochs={args.epochs}", "trainer.enable_progress_bar=false", "quantize=none",
             "prune=structured", "prune.sparsity=0.6", f"prune.finetune.epochs={args.finetune_epochs}",
-            "eval.latency_iters=20", "tracking.experiment=bench_recovery", *args.override]
+            "eval.latency_iters=20", "tracking.experiment=bench_recovery", *args.teacher, *args.override]
     if data == "fashion_mnist" and args.limit_train:
         base.append(f"data.limit_train={args.limit_train}")
     accs: dict[str, list[float]] = {}
@@ -265,6 +266,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_compression"))
     parser.add_argument("--recovery", action="store_true",
                         help="also: fine-tuning after pruning on labels vs distilling")
+    parser.add_argument("--teacher", nargs="*", default=[],
+                        help="the recovery's teacher, e.g. teacher.checkpoint=PATH teacher.model.depth=4 "
+                             "(one teacher for every seed; default: trained with each seed)")
     parser.add_argument("--no-ladder", action="store_true", help="only the recovery table")
     parser.add_argument("--rungs", nargs="*", default=None, help="run only these rungs of the ladder (names)")
     parser.add_argument("override", nargs="*", help="extra Hydra overrides")
