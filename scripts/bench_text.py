@@ -141,23 +141,30 @@ class Bench:
                                        f"teacher.max_epochs={self.args.teacher_epochs[task]}",
                                                   "student.max_epochs=1",
                                                   f"tracking.experiment=bench_text_{task}"])
-                  for task, t in TASKS.items() if "teacher_of" not in t for lr in TEACHER_LRS])
+                  for task, t in TASKS.items() if "teacher_of" not in t and task in self.args.tasks
+                  for lr in TEACHER_LRS])
 
     def chosen(self) -> dict[str, list[str]]:
         """The settings the search picked on the validation split."""
-        lr_topics = max(LRS["topics"], key=lambda lr: self.val(f"topics-none-lr{lr:g}-s0", "acc"))
-        lr_lm = min(LRS["lm"], key=lambda lr: self.val(f"lm-none-lr{lr:g}-s0", "ppl"))
-        t, a = max(KD_GRID, key=lambda ta: self.val(f"topics-kd-T{ta[0]:g}-a{ta[1]:g}-s0", "acc"))
-        return {"topics-none": [f"optim.lr={lr_topics:g}", "distill=none"],
-                "topics-kd": [f"optim.lr={lr_topics:g}", "distill=kd", f"distill.temperature={t:g}",
-                              f"distill.alpha={a:g}"],
-                "lm-none": [f"optim.lr={lr_lm:g}", "distill=none"],
-                **{f"lm-{s}": [f"optim.lr={lr_lm:g}", f"distill={s}"] for s in self.args.lm_schemes}}
+        out = {}
+        if "topics" in self.args.tasks:
+            lr_topics = max(LRS["topics"], key=lambda lr: self.val(f"topics-none-lr{lr:g}-s0", "acc"))
+            t, a = max(KD_GRID, key=lambda ta: self.val(f"topics-kd-T{ta[0]:g}-a{ta[1]:g}-s0", "acc"))
+            out.update({"topics-none": [f"optim.lr={lr_topics:g}", "distill=none"],
+                        "topics-kd": [f"optim.lr={lr_topics:g}", "distill=kd", f"distill.temperature={t:g}",
+                                      f"distill.alpha={a:g}"]})
+        if "lm" in self.args.tasks:
+            lr_lm = min(LRS["lm"], key=lambda lr: self.val(f"lm-none-lr{lr:g}-s0", "ppl"))
+            out.update({"lm-none": [f"optim.lr={lr_lm:g}", "distill=none"],
+                        **{f"lm-{s}": [f"optim.lr={lr_lm:g}", f"distill={s}"] for s in self.args.lm_schemes}})
+        return out
 
     def search(self) -> None:
         jobs = [(f"{task}-none-lr{lr:g}-s0", self.student_cmd(task, 0, [f"optim.lr={lr:g}", "distill=none"]))
-                for task in ("topics", "lm") for lr in LRS[task]]
+                for task in ("topics", "lm") if task in self.args.tasks for lr in LRS[task]]
         self.run(jobs)
+        if "topics" not in self.args.tasks:
+            return
         lr = max(LRS["topics"], key=lambda lr: self.val(f"topics-none-lr{lr:g}-s0", "acc"))
         self.run([(f"topics-kd-T{t:g}-a{a:g}-s0",
                    self.student_cmd("topics", 0, [f"optim.lr={lr:g}", "distill=kd",
@@ -197,6 +204,8 @@ class Bench:
         if any(n.startswith("topics10-kd-s") for n in runs):
             chosen.update(self.scarce_chosen())
         for task, t in TASKS.items():
+            if task not in self.args.tasks and not any(n.startswith(f"{task}-") for n in runs):
+                continue
             metric = t["metric"]
             name = self.teacher_name(task)
             teacher = self.stage_run(runs[name], "teacher").data.metrics
@@ -280,7 +289,17 @@ def main() -> None:
                     default={"topics": 15, "lm": 10}, help="student epochs per task, e.g. topics=15,lm=10")
     ap.add_argument("--teacher-epochs", type=lambda s: dict(kv.split("=") for kv in s.split(",")),
                     default={"topics": 10, "lm": 10})
+    ap.add_argument("--tasks", nargs="+", choices=("topics", "lm"), default=["topics", "lm"])
+    ap.add_argument("--pretrained", type=Path, default=None,
+                    help="a folder of scripts/pretrain_mlm.py: the topic teacher starts from its encoder, "
+                         "and every topic run (teacher, scratch, KD) uses its tokenizer")
     args = ap.parse_args()
+    if args.pretrained:
+        folder = args.pretrained.resolve()
+        for task in ("topics", "topics10"):
+            t = TASKS[task]
+            t["data"] = [*t["data"], f"data.tokenizer={folder / 'tokenizer.json'}"]
+            t["teacher"] = [*t["teacher"], f"teacher.model.pretrained={folder}"]
     bench = Bench(args)
     for phase in args.phases:
         getattr(bench, phase)()
