@@ -103,6 +103,7 @@ def recovery(args: argparse.Namespace, uri: str) -> str:
     if data == "fashion_mnist" and args.limit_train:
         base.append(f"data.limit_train={args.limit_train}")
     accs: dict[str, list[float]] = {}
+    curves: dict[str, list[list[float]]] = {}
     before: list[float] = []
     with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
         for name, extra in RECOVERY.items():
@@ -112,8 +113,12 @@ def recovery(args: argparse.Namespace, uri: str) -> str:
                 folder = args.out / "recovery" / f"{name.replace(' ', '_')}-{seed}"
                 accs.setdefault(name, []).append(100 * run_pipeline(cfg, folder)["test/acc"])
                 stages = {r["stage"]: r for r in stage_rows(mlflow.last_active_run().info.run_id)}
+                curves.setdefault(name, []).append(curve(stages["prune"]["run_id"], "prune/step_val_acc"))
                 if name == "fine-tuned on labels":
                     before.append(100 * stages["distill"]["test/acc"])
+    mean = {name: [statistics.mean(c) for c in zip(*runs, strict=True)] for name, runs in curves.items()}
+    plot_curves(mean, args.out / "recovery_curves.png",
+                "after pruning: validation accuracy per fine-tuning epoch (mean of the seeds)")
     ref = accs["fine-tuned on labels"]
     rows = [f"| fine-tuning after pruning | test acc % (mean ± std, {len(args.seeds)} seeds) "
             "| vs labels (points) |", "|---|---|---|",
@@ -159,14 +164,14 @@ def stage_rows(run_id: str) -> list[dict]:
     return rows
 
 
-def val_curve(rows: list[dict]) -> list[float]:
-    """val/acc per epoch of the pipeline's trained fp32 student (its distill stage)."""
-    run_id = next(r["run_id"] for r in rows if r["stage"] == "distill")
-    history = mlflow.tracking.MlflowClient().get_metric_history(run_id, "val/acc")
-    return [100 * m.value for m in sorted(history, key=lambda m: m.step)]
+def curve(run_id: str, metric: str) -> list[float]:
+    """A stage run's per-epoch curve in %, read where it was trained (a reused stage points there)."""
+    client = mlflow.tracking.MlflowClient()
+    trained = client.get_run(run_id).data.tags.get("kdpipe.reused_from", run_id)
+    return [100 * m.value for m in sorted(client.get_metric_history(trained, metric), key=lambda m: m.step)]
 
 
-def plot_curves(curves: dict[int, list[float]], path: Path) -> None:
+def plot_curves(curves: dict, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -174,10 +179,10 @@ def plot_curves(curves: dict[int, list[float]], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=120)
     for seed, curve in curves.items():
-        ax.plot(range(1, len(curve) + 1), curve, marker=".", label=f"seed {seed}")
+        ax.plot(range(1, len(curve) + 1), curve, marker=".", label=str(seed))
     ax.set_xlabel("epoch")
     ax.set_ylabel("val acc %")
-    ax.set_title("fp32 student: validation accuracy per epoch")
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -236,8 +241,10 @@ def ladder(args: argparse.Namespace, uri: str) -> str:
                 budget.append(f"| {name} | {seed} | {row['stage']} | {b['kept']} | {b['val_drop']:.2f} | "
                               f"{test_drop:.2f} | {'yes' if b['met'] == 'true' else 'no'} / "
                               f"{'yes' if test_drop <= 1.0 else 'no'} |")
-    curves = {seed: val_curve(stages) for seed, stages in rows["fp32 student"].items()}
-    plot_curves(curves, args.out / "curves.png")
+    curves = {seed: curve(next(r["run_id"] for r in stages if r["stage"] == "distill"), "val/acc")
+              for seed, stages in rows["fp32 student"].items()}
+    plot_curves({f"seed {s}": c for s, c in curves.items()}, args.out / "curves.png",
+                "fp32 student: validation accuracy per epoch")
     tails = "; ".join(f"seed {s}: " + ", ".join(f"{v:.2f}" for v in c[-4:]) for s, c in curves.items())
     text = (f"compression ladder, {' '.join(base)}, seeds {', '.join(map(str, args.seeds))}\n"
             f"latency: ONNX Runtime CPU, 1 thread, batch 1, the first seed's models, median of {args.rounds} "
