@@ -108,6 +108,8 @@ def recovery(args: argparse.Namespace, uri: str) -> str:
     before: list[float] = []
     with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
         for name, extra in RECOVERY.items():
+            if args.ways and name != "fine-tuned on labels" and name.rsplit(" ", 1)[-1] not in args.ways:
+                continue
             for seed in args.seeds:
                 cfg = compose("config", overrides=[*base, *extra, f"seed={seed}", f"tracking.uri={uri}"])
                 validate(cfg)
@@ -277,6 +279,8 @@ def main() -> None:
     parser.add_argument("--teacher", nargs="*", default=[],
                         help="the recovery's teacher, e.g. teacher.checkpoint=PATH teacher.model.depth=4 "
                              "(one teacher for every seed; default: trained with each seed)")
+    parser.add_argument("--ways", nargs="*", choices=("teacher", "student"), default=None,
+                        help="the recovery's distilling ways (default both; labels always)")
     parser.add_argument("--no-ladder", action="store_true", help="only the recovery table")
     parser.add_argument("--rungs", nargs="*", default=None, help="run only these rungs of the ladder (names)")
     parser.add_argument("override", nargs="*", help="extra Hydra overrides")
