@@ -45,6 +45,7 @@ RUNGS = {
     "+ int8 static, budget 1 point": ["prune=none", "quantize=static", *BUDGET],
     "+ structured 50 % + int8, budget 1 point each": ["prune=structured", "quantize=static", *BUDGET],
     "+ int4 weight-only (group 32)": ["prune=none", "quantize=int4"],
+    "+ int4 weight-only, 1 epoch straight-through": ["prune=none", "quantize=int4", "quantize.epochs=1"],
     "+ k-means 4-bit (1 epoch)": ["prune=none", "quantize=kmeans", "quantize.bits=4"],
     "+ binary (3 epochs)": ["prune=none", "quantize=binary"],
 }
