@@ -175,6 +175,33 @@ def test_the_tokenizer_is_trained_on_the_training_split_once_and_cached(tmp_path
     assert torch.equal(mine.test_set.tensors[0], first.test_set.tensors[0])
 
 
+def test_unlabeled_texts_join_the_transfer_set_only_and_never_a_held_out_text(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDPIPE_CACHE_DIR", str(tmp_path / "cache"))
+    write_csv(tmp_path / "d.csv", topic_texts(60))
+    plain = TextDataModule(path=str(tmp_path / "d.csv"), num_classes=3, max_length=8, vocab_size=300)
+    plain.setup()
+    parts = plain.make_splits()  # the same seeded split: which texts are held out
+    test_text = plain._texts[int(parts["test"][0][0])]
+    extra = [t for t, _ in topic_texts(20, seed=1) if t != test_text]
+    (tmp_path / "more.txt").write_text("\n\n".join([*extra, f"  {test_text.upper()} "]))
+    dm = TextDataModule(path=str(tmp_path / "d.csv"), num_classes=3, max_length=8, vocab_size=300,
+                        unlabeled=str(tmp_path / "more.txt"))
+    dm.setup()
+    n_train = len(plain.train_set)
+    y = dm.train_set.tensors[1]
+    # the new texts join the training split without labels; the copy of a test text is dropped
+    assert len(y) == n_train + len(extra)
+    assert (y[n_train:] == UNLABELED).all() and (y[:n_train] != UNLABELED).all()
+    # what the teacher and a student from labels see is the labeled split alone
+    assert len(dm.labeled_set) == n_train
+    assert torch.equal(dm.val_set.tensors[1], plain.val_set.tensors[1])
+    assert dm.fingerprint != plain.fingerprint  # a stage keyed on the data sees the change
+    with pytest.raises(ConfigError, match="data.unlabeled"):
+        TextDataModule(path=str(tmp_path / "d.csv"), num_classes=3, unlabeled=str(tmp_path / "x")).setup()
+    with pytest.raises(ConfigError, match="data.unlabeled is for classification"):
+        LanguageModelDataModule(path=str(tmp_path / "more.txt"), unlabeled=str(tmp_path / "more.txt"))
+
+
 def test_bad_text_sources_fail_with_what_to_do(tmp_path):
     with pytest.raises(ConfigError, match="data.path is not set"):
         TextDataModule(path=None, num_classes=2).setup()

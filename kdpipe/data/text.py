@@ -71,7 +71,7 @@ class TextDataModule(TensorDataModule):
     def __init__(self, path: str | None = None, num_classes: int = 2, max_length: int = 64,
                  vocab_size: int = 4000, tokenizer: str | None = None, lowercase: bool = False,
                  text_key: str = "text", label_key: str = "label", augment: list | None = None,
-                 **kwargs) -> None:
+                 unlabeled: str | None = None, **kwargs) -> None:
         if augment:
             raise ConfigError(f"data.augment={list(augment)}: the batch augmentations are for images; "
                               f"text data takes data.augment=[]")
@@ -86,6 +86,7 @@ class TextDataModule(TensorDataModule):
         self.path, self.max_length, self.vocab_size = path, int(max_length), int(vocab_size)
         self.tokenizer_path, self.lowercase = tokenizer, bool(lowercase)
         self.text_key, self.label_key = text_key, label_key
+        self.unlabeled = unlabeled
         self.classes: list[str] | None = None
 
     def samples(self) -> dict[str, tuple[list[str], list]]:
@@ -113,14 +114,31 @@ class TextDataModule(TensorDataModule):
     def load_splits(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
         return None if "all" in self._parts else dict(self._parts)
 
+    def unlabeled_texts(self) -> list[str]:
+        """Texts with no label (`data.unlabeled`: any source `data=text_lm` reads), for the transfer
+        set only: a distilled student learns the teacher's outputs on them; the teacher and a
+        student from labels never see them."""
+        if not self.unlabeled:
+            return []
+        return [t for docs, _ in read_documents(self.unlabeled, self.text_key, "data.unlabeled").values()
+                for t in docs]
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
         splits = self.make_splits()
-        self.tokenizer = self.build_tokenizer([self._texts[i] for i in splits["train"][0].tolist()])
+        held_out = {" ".join(self._texts[i].lower().split())
+                    for k in ("val", "test") for i in splits[k][0].tolist()}
+        extra = [t for t in self.unlabeled_texts() if " ".join(t.lower().split()) not in held_out]
+        train_texts = [self._texts[i] for i in splits["train"][0].tolist()]
+        self.tokenizer = self.build_tokenizer(train_texts + extra)
         splits = {k: self.encode_split([self._texts[i] for i in idx.tolist()], y)
                   for k, (idx, y) in splits.items()}
         splits["train"] = self._hide_labels(*splits["train"])
+        if extra:  # after the labels are hidden: labeled_fraction counts the labeled split only
+            x, y = splits["train"]
+            splits["train"] = (torch.cat([x, self.encode(extra)]),
+                               torch.cat([y, torch.full((len(extra),), UNLABELED, dtype=y.dtype)]))
         self.fingerprint = splits_fingerprint(splits)
         self.mean = self.std = None  # token ids are not standardised
         self.set_splits(splits)
@@ -212,6 +230,9 @@ class LanguageModelDataModule(TextDataModule):
         if float(kwargs.get("labeled_fraction", 1.0)) != 1.0:
             raise ConfigError("data.labeled_fraction is for classification; a language model's targets are "
                               "the text itself: leave it at 1.0")
+        if kwargs.get("unlabeled"):
+            raise ConfigError("data.unlabeled is for classification; a language model learns from all its "
+                              "text: add the texts to data.path instead")
         super().__init__(path=path, **kwargs)
         if int(self.num_classes) != self.vocab_size:
             raise ConfigError(f"data.num_classes={self.num_classes} must equal data.vocab_size="
@@ -256,6 +277,9 @@ class MultiTaskTextDataModule(TextDataModule):
     sum of the tasks'. The metrics are also logged per task (`val/acc_<task>`, `test/acc_<task>`)."""
 
     def __init__(self, tasks: dict, max_per_class: int | None = None, **kwargs) -> None:
+        if kwargs.get("unlabeled"):
+            raise ConfigError("data.unlabeled is not supported for multi-task data (an unlabeled text has "
+                              "no task); leave it null")
         # max_per_class: read by the tasks' configs (`${...max_per_class}`), one knob for all of them
         if not tasks or len(tasks) < 2:
             raise ConfigError("data.tasks needs at least two tasks, each a text data config")
