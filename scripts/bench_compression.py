@@ -181,8 +181,8 @@ def plot_curves(curves: dict, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=120)
-    for seed, curve in curves.items():
-        ax.plot(range(1, len(curve) + 1), curve, marker=".", label=str(seed))
+    for label, values in curves.items():
+        ax.plot(range(1, len(values) + 1), values, marker=".", label=str(label))
     ax.set_xlabel("epoch")
     ax.set_ylabel("val acc %")
     ax.set_title(title, fontsize=9)

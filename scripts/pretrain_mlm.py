@@ -29,7 +29,7 @@ import yaml
 from tqdm import tqdm
 
 from kdpipe.data.text import SPECIAL_TOKENS, train_tokenizer
-from kdpipe.data.text_sources import fortune_files, fortunes_samples, read_documents, read_fortunes
+from kdpipe.data.text_sources import fortune_files, fortunes_samples, read_documents, read_fortunes, same_text
 
 REPO = Path(__file__).resolve().parent.parent
 ENGLISH = ("art computers cookie definitions disclaimer drugs education ethnic food fortunes goedel "
@@ -38,17 +38,13 @@ ENGLISH = ("art computers cookie definitions disclaimer drugs education ethnic f
            "work zippy").split()
 
 
-def key(text: str) -> str:
-    return " ".join(text.lower().split())
-
-
 def fortunes_corpus(root: Path) -> list[str]:
     """English fortunes of the categories outside fortunes_topics, without the topic task's texts."""
     topics = yaml.safe_load((REPO / "conf" / "data" / "fortunes_topics.yaml").read_text())["classes"]
-    task = {key(t) for t in fortunes_samples(root, topics)[0]}
+    task = {same_text(t) for t in fortunes_samples(root, topics)[0]}
     used = {name for names in topics.values() for name in names}
     texts = [t for c in ENGLISH if c not in used for f in fortune_files(root, c) for t in read_fortunes(f)]
-    unique = list(dict.fromkeys(t for t in texts if key(t) not in task))
+    unique = list(dict.fromkeys(t for t in texts if same_text(t) not in task))
     print(f"corpus: {len(unique)} fortunes from {len([c for c in ENGLISH if c not in used])} categories "
           f"({len(texts) - len(unique)} dropped: duplicates or texts of the topic task)")
     return unique

@@ -17,7 +17,7 @@ import torch
 
 from kdpipe import cache_dir
 from kdpipe.data.base import TEXT_EXAMPLE_TOKEN, UNLABELED, TensorDataModule, splits_fingerprint
-from kdpipe.data.text_sources import class_names, fortunes_samples, read_documents, read_samples
+from kdpipe.data.text_sources import class_names, fortunes_samples, read_documents, read_samples, same_text
 from kdpipe.errors import ConfigError
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
@@ -127,9 +127,8 @@ class TextDataModule(TensorDataModule):
         if self.train_set is not None:
             return
         splits = self.make_splits()
-        held_out = {" ".join(self._texts[i].lower().split())
-                    for k in ("val", "test") for i in splits[k][0].tolist()}
-        extra = [t for t in self.unlabeled_texts() if " ".join(t.lower().split()) not in held_out]
+        held_out = {same_text(self._texts[i]) for k in ("val", "test") for i in splits[k][0].tolist()}
+        extra = [t for t in self.unlabeled_texts() if same_text(t) not in held_out]
         train_texts = [self._texts[i] for i in splits["train"][0].tolist()]
         self.tokenizer = self.build_tokenizer(train_texts + extra)
         splits = {k: self.encode_split([self._texts[i] for i in idx.tolist()], y)

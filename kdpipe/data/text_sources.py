@@ -192,6 +192,11 @@ def class_names(labels: list, num_classes: int, where: str) -> list[str] | None:
 # Debian's fortunes
 
 
+def same_text(text: str) -> str:
+    """A text as compared for duplicates: lowercase, whitespace collapsed."""
+    return " ".join(text.lower().split())
+
+
 def read_fortunes(path: Path) -> list[str]:
     """The fortunes of one file: texts separated by lines holding a single `%`."""
     raw = path.read_bytes()
