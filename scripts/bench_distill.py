@@ -17,10 +17,12 @@ Phases (a phase skips the commands whose runs an earlier invocation finished):
   (1/50) for `--search-epochs` (10), seed 0 (conf/hparams_search/<scheme>.yaml: the keys and their
   ranges), `val/acc` maximised; the final and scarce phases use the results of that search;
 - `final`: each student size x scheme x seeds 0-2 at the searched values (`--unsearched <scheme>`:
-  at its shipped default instead); `--epochs 20` runs a longer schedule as its own experiments;
+  at its shipped default instead; `--setting <scheme> '<overrides>'`: at values chosen on the
+  validation split elsewhere); `--epochs 20` runs a longer schedule as its own experiments;
 - `scarce`: `data.labeled_fraction` 0.01 and 0.1: scratch on the labeled images (its epochs chosen
   on val/acc from a grid, at most the distilled student's optimiser steps) against KD on every image
-  (its setting chosen on val/acc between the full-data search's and the shipped default);
+  (its setting chosen on val/acc between the full-data one, searched or `--setting`, and the shipped
+  default); `--scarce-size` picks the student (1/50);
 - `temperature`: `experiment=temperature_sweep` (KD at alpha 0.9, T from 0.5 to 16) on the
   `--temperature-size` student (1/10), seeds 0-2;
 - `report`: `<workdir>/report.md`, `curves.png` (val/acc per epoch), `temperature.png`.
@@ -41,6 +43,7 @@ Jobs run with one torch thread each (`OMP_NUM_THREADS=1`), `--jobs` of them at o
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shlex
@@ -131,7 +134,10 @@ class Bench:
                 f"student.max_epochs={epochs or self.args.epochs}", *self.args.override]
 
     def tuned(self, scheme: str) -> list[str]:
-        """The scheme at its searched values, or at its shipped default where it was not searched."""
+        """The scheme at its searched values, at the values `--setting` gives it, or at its shipped
+        default where it was not searched."""
+        if scheme in self.args.setting:
+            return [f"distill={scheme}", *self.args.setting[scheme]]
         path = self.search_dir(scheme) / "optimization_results.yaml"
         if scheme in self.args.unsearched or not path.is_file():
             if scheme not in self.args.unsearched:
@@ -192,34 +198,46 @@ class Bench:
                               *self.where("final", exp)], exp))
         self.parallel(jobs)
 
+    def scarce_name(self, frac: float, rest: str, size: str | None = None) -> str:
+        """The experiment of a scarce-label cell; a student other than 1/50 is part of its name."""
+        size = size or self.args.scarce_size
+        return f"bench-scarce-{frac:g}-{rest}" + ("" if size == "1/50" else f"-{tag(size)}")
+
+    def kd_choices(self) -> list[tuple[str, list[str]]]:
+        """KD's candidate settings with few labels: the full-data one (searched or `--setting`) and the
+        shipped default (only the default where KD is named by --unsearched)."""
+        tuned = self.tuned("kd")
+        return [("default", ["distill=kd"])] + ([("tuned", tuned)] if tuned != ["distill=kd"] else [])
+
     def scarce(self) -> None:
         """Each side at its best setting on val/acc (seed 0), then 3 seeds: scratch over a grid of
         epochs, KD between its full-data search result and the shipped default (T=4, alpha=0.9)."""
-        jobs = []
+        jobs, size = [], self.args.scarce_size
         for frac in self.args.fractions:
             labels = f"data.labeled_fraction={frac}"
-            for name, setting in (("searched", self.tuned("kd")), ("default", ["distill=kd"])):
-                exp = f"bench-scarce-{frac:g}-kd-choice-{name}"
+            for name, setting in self.kd_choices():
+                exp = self.scarce_name(frac, f"kd-choice-{name}")
                 if not self.finished(exp):
-                    jobs.append((["-m", *self.student("1/50"), *setting, labels, "seed=0",
+                    jobs.append((["-m", *self.student(size), *setting, labels, "seed=0",
                                   *self.where("scarce", exp)], exp))
-            grid, epochs = f"bench-scarce-{frac:g}-none-epochs", self.args.scarce_epochs[str(frac)]
+            grid, epochs = self.scarce_name(frac, "none-epochs"), self.args.scarce_epochs[str(frac)]
             if self.finished(grid) < len(epochs):
-                jobs.append((["-m", *self.student("1/50"), *self.tuned("none"), labels, "seed=0",
+                jobs.append((["-m", *self.student(size), *self.tuned("none"), labels, "seed=0",
                               "student.max_epochs=" + ",".join(map(str, epochs)),
                               "+trainer.check_val_every_n_epoch=10", *self.where("scarce", grid)], grid))
         self.parallel(jobs)
         jobs = []
         for frac in self.args.fractions:  # each side at the setting its validation accuracy chose
             labels = f"data.labeled_fraction={frac}"
-            choice = {name: self.best(f"bench-scarce-{frac:g}-kd-choice-{name}").data.metrics["val/acc"]
-                      for name in ("searched", "default")}
-            kd = self.tuned("kd") if choice["searched"] >= choice["default"] else ["distill=kd"]
-            epochs = int(self.best(f"bench-scarce-{frac:g}-none-epochs").data.params["student.max_epochs"])
-            scratch = [*self.student("1/50", epochs), *self.tuned("none"),
+            choices = self.kd_choices()
+            val = [self.best(self.scarce_name(frac, f"kd-choice-{name}")).data.metrics["val/acc"]
+                   for name, _ in choices]
+            kd = choices[val.index(max(val))][1]
+            epochs = int(self.best(self.scarce_name(frac, "none-epochs")).data.params["student.max_epochs"])
+            scratch = [*self.student(size, epochs), *self.tuned("none"),
                        "+trainer.check_val_every_n_epoch=10"]
-            for exp, setting in ((f"bench-scarce-{frac:g}-kd", [*self.student("1/50"), *kd]),
-                                 (f"bench-scarce-{frac:g}-none", scratch)):
+            for exp, setting in ((self.scarce_name(frac, "kd"), [*self.student(size), *kd]),
+                                 (self.scarce_name(frac, "none"), scratch)):
                 if self.finished(exp) < self.n_seeds:
                     jobs.append((["-m", *setting, labels, f"seed={self.args.seeds}",
                                   *self.where("scarce", exp)], exp))
@@ -295,7 +313,8 @@ class Bench:
 
     def setting(self, scheme: str) -> str:
         values = self.tuned(scheme)[1:]
-        return f"`{' '.join(values)}` (searched)" if values else "shipped default"
+        how = "given by --setting" if scheme in self.args.setting else "searched"
+        return f"`{' '.join(values)}` ({how})" if values else "shipped default"
 
     def final_table(self, size: str, epochs: int, stats: dict, curves: dict) -> list[str]:
         """The rows of one student size and schedule; fills `stats` and `curves` keyed (size, scheme,
@@ -337,12 +356,12 @@ class Bench:
                     lines += ["", f"## Students at {size} of the teacher's parameters, {epochs} epochs", "",
                               "| scheme | setting | test acc % (mean ± std, last epoch) | vs scratch | "
                               "val acc % | test ECE |", "|---|---|---|---|---|---|", *table]
-        lines += ["", "## Few labels (1/50 student): scratch on the labeled images, KD on all", "",
-                  "| labels | scratch test acc % | scratch epochs (chosen on val) | KD test acc % | "
-                  "KD setting (chosen on val) | KD - scratch |", "|---|---|---|---|---|---|"]
-        for frac in (0.01, 0.1):
-            kd_runs = self.per_seed(f"bench-scarce-{frac:g}-kd")
-            sc_runs = self.per_seed(f"bench-scarce-{frac:g}-none")
+        lines += ["", "## Few labels: scratch on the labeled images, KD on all", "",
+                  "| student | labels | scratch test acc % | scratch epochs (chosen on val) | "
+                  "KD test acc % | KD setting (chosen on val) | KD - scratch |", "|---" * 7 + "|"]
+        for size, frac in itertools.product(STUDENTS, (0.01, 0.1)):
+            kd_runs = self.per_seed(self.scarce_name(frac, "kd", size))
+            sc_runs = self.per_seed(self.scarce_name(frac, "none", size))
             kd = [100 * r.data.metrics["test/acc"] for r in kd_runs]
             sc = [100 * r.data.metrics["test/acc"] for r in sc_runs]
             if kd or sc:
@@ -350,8 +369,8 @@ class Bench:
                 p = kd_runs[0].data.params if kd else {}
                 setting = f"T={p.get('distill.temperature')} alpha={p.get('distill.alpha')}" if kd else ""
                 delta = f"{statistics.mean(kd) - statistics.mean(sc):+.2f}" if kd and sc else ""
-                lines.append(f"| {100 * frac:g} % | {mean_std(sc) if sc else ''} (n={len(sc)}) | {ep} | "
-                             f"{mean_std(kd) if kd else ''} (n={len(kd)}) | {setting} | {delta} |")
+                lines.append(f"| {size} | {100 * frac:g} % | {mean_std(sc) if sc else ''} (n={len(sc)}) | "
+                             f"{ep} | {mean_std(kd) if kd else ''} (n={len(kd)}) | {setting} | {delta} |")
         lines += ["", f"## The searches ({self.args.search_size} student, {self.args.search_epochs} epochs, "
                       "seed 0, validation split)", "",
                   "| scheme | trial | val acc % |", "|---|---|---|"]
@@ -442,11 +461,19 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2", help="seeds of the final, scarce and temperature runs")
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1],
                     help="label fractions of the scarce phase")
+    ap.add_argument("--scarce-size", choices=list(STUDENTS), default="1/50",
+                    help="the student of the scarce phase")
+    ap.add_argument("--setting", nargs=2, action="append", default=[], metavar=("SCHEME", "OVERRIDES"),
+                    help="a setting chosen on the validation split elsewhere, used instead of a search "
+                         "result, e.g. --setting ls_kd 'distill.temperature=2.29 distill.alpha=0.744'")
     ap.add_argument("--scarce-epochs", type=json.loads, default=SCARCE_EPOCHS,
                     help="epochs tried for scratch with few labels, JSON by fraction")
     ap.add_argument("--override", nargs="*", default=[],
                     help="extra overrides for every command, e.g. data.limit_train=2000 for a smoke run")
     args = ap.parse_args()
+    args.setting = {scheme: values.split() for scheme, values in args.setting}
+    if unknown := set(args.setting) - set(SEARCHABLE):
+        ap.error(f"--setting: unknown scheme(s) {sorted(unknown)}; choose from {', '.join(SEARCHABLE)}")
     bench = Bench(args)
     t0 = time.time()
     for phase in PHASES:
