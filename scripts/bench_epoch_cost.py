@@ -12,7 +12,7 @@ initialisation. Every scheme runs its config's defaults (`distill=<scheme>`), ex
 when named in --schemes. Epoch times are measured separately with a Lightning callback (training
 part of the epoch only, median over epochs after the first), the three variants interleaved for
 3 rounds in one process, so their ratios are comparable even on a busy machine, their absolute
-values less so. The KD timed is `distill=kd`'s `distill.terms` (T=4, alpha=0.9).
+values less so. The KD timed is `distill=kd`'s `distill.terms` (CE and the softened KL).
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ def main() -> None:
             print(f"{scheme:10s} seed {seed}: test/acc {metrics['test/acc']:.4f} ({time.time() - t1:.0f}s)",
                   flush=True)
 
-    kd_cfg = compose_cfg([*teacher_base, "seed=0", "distill=kd"])  # the timed KD: T=4, alpha=0.9
+    kd_cfg = compose_cfg([*teacher_base, "seed=0", "distill=kd"])  # the timed KD: CE + softened KL
     times = {} if args.no_timing else epoch_times(kd_cfg, teacher_path, args.epochs)
     student_arch = OmegaConf.to_container(kd_cfg.student.model, resolve=True)
     student_params = sum(p.numel() for p in build_model(student_arch).parameters())

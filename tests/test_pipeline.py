@@ -49,7 +49,7 @@ def test_full_pipeline_logs_every_stage_with_tags_metrics_and_a_loadable_model(s
     for m in ("train/loss", "val/loss", "val/acc", "train/loss_kd", "train/loss_ce"):
         assert client.get_metric_history(stages["distill"].info.run_id, m), m
     # params are the flattened resolved config
-    assert float(parent.data.params["distill.temperature"]) == 4.0
+    assert float(parent.data.params["distill.temperature"]) == 2.0  # conf/distill/kd.yaml
     assert parent.data.params["student.model._target_"] == "kdpipe.models.cnn"
     # pipeline-level summary
     for m in ("compression/ratio", "compression/acc_drop", "compression/speedup", *MODEL_METRICS):
