@@ -87,6 +87,12 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {std(values):.2f}"
 
 
+def search_keys(scheme: str) -> list[str]:
+    """The keys `hparams_search=<scheme>` varies (conf/hparams_search/<scheme>.yaml)."""
+    space = yaml.safe_load((REPO / "conf" / "hparams_search" / f"{scheme}.yaml").read_text())
+    return list(space["hydra"]["sweeper"]["params"])
+
+
 def tag(size: str) -> str:
     return size.replace("/", "_")
 
@@ -314,10 +320,9 @@ class Bench:
                                         key=lambda m: m.step)]
 
     def setting(self, scheme: str, run) -> str:
-        """The run's values of the keys the scheme was tuned on (searched or `--setting`)."""
-        keys = [v.split("=")[0] for v in self.tuned(scheme)[1:]]
-        values = [f"{k}={float(run.data.params[k]):.4g}" for k in keys if k in run.data.params]
-        return f"`{' '.join(values)}`" if values else "shipped default"
+        """The run's values of the keys the scheme's search varies."""
+        values = [f"{k}={float(run.data.params[k]):.4g}" for k in search_keys(scheme) if k in run.data.params]
+        return f"`{' '.join(values)}`"
 
     def final_table(self, size: str, stats: dict, curves: dict) -> list[str]:
         """The rows of one student size, every scheme at every schedule of `--report-epochs`; each
@@ -384,8 +389,7 @@ class Bench:
                       "seed 0, validation split)", "",
                   "| scheme | trial | val acc % |", "|---|---|---|"]
         for scheme in self.args.schemes:
-            path = self.search_dir(scheme) / "optimization_results.yaml"
-            keys = list(yaml.safe_load(path.read_text())["best_params"]) if path.is_file() else []
+            keys = search_keys(scheme)
             for r in reversed(self.runs(f"bench-{self.search_name}-{scheme}")):
                 trial = " ".join(f"{k}={float(r.data.params[k]):.3g}" for k in keys)
                 lines.append(f"| {scheme} | `{trial}` | {100 * r.data.metrics['val/acc']:.2f} |")

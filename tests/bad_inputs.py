@@ -111,7 +111,7 @@ ROWS = [
     _row("temperature-inf", "distill.temperature=inf", "distill.temperature=inf must be a finite number"),
     _row("temperature-negative", "distill.temperature=-1", "distill.temperature=-1 must be > 0"),
     _row("temperature-hot", "distill.temperature=hot",
-         "distill.temperature=hot: distill.temperature takes a number", "e.g. distill.temperature=4.0"),
+         "distill.temperature=hot: distill.temperature takes a number", "e.g. distill.temperature=2.0"),
     _row("alpha-1.5", "distill.alpha=1.5", "distill.alpha=1.5 must lie in [0, 1]"),
     _row("max-epochs-negative", "trainer.max_epochs=-1", "trainer.max_epochs=-1 must be >= 1"),
     _row("max-epochs-2.5", "trainer.max_epochs=2.5",

@@ -144,11 +144,11 @@ def test_report_command_names_the_experiments_there_when_the_name_is_wrong(jobli
 
 def test_run_name_is_built_from_the_scheme_temperature_alpha_pruning_and_quantization():
     cfg = make_cfg([])
-    assert run_name(cfg) == "kd-T4-a0.9-mag50-int8"
+    assert run_name(cfg) == "kd-T2-a0.9-mag50-int8"
     assert run_name(make_cfg(["distill=none", "prune=none", "quantize=none", "seed=2"]),
                     ["seed=2"]) == "none-s2"
     assert (run_name(cfg, ["student=mlp", "optim.lr=0.1", "eval.latency_iters=5"])
-            == "kd-T4-a0.9-mag50-int8-mlp-lr0.1")
+            == "kd-T2-a0.9-mag50-int8-mlp-lr0.1")
 
 
 def test_run_name_abbreviates_paths_and_uris_and_shows_the_seed_once():
@@ -166,15 +166,15 @@ def test_run_name_starts_with_distill_name_or_the_scheme_class():
     terms = make_cfg(["prune=none", "quantize=none"])
     with open_dict(terms):
         del terms.distill["name"]
-    assert run_name(terms) == "offline-T4-a0.9"
+    assert run_name(terms) == "offline-T2-a0.9"
 
 
 def test_run_name_shows_alpha_only_with_the_kd_term_and_names_term_and_scheme_overrides():
     dkd = make_cfg(["distill=dkd", "prune=none", "quantize=none"])
-    assert run_name(dkd) == "dkd-T4"  # distill.alpha=0: no KD term in the sum, no alpha in the name
+    assert run_name(dkd) == "dkd-T4.6"  # distill.alpha=0: no KD term in the sum, no alpha in the name
     hint = ("+distill.terms.hint={_target_:kdpipe.losses.Hint,"
             "student_layer:features.1,teacher_layer:features.1}")
-    assert run_name(dkd, ["distill.terms.nckd.weight=4", hint]) == "dkd-T4-nckd4-hint"
+    assert run_name(dkd, ["distill.terms.nckd.weight=4", hint]) == "dkd-T4.6-nckd4-hint"
     dml = make_cfg(["distill=dml", "prune=none", "quantize=none"])
     assert run_name(dml, ["distill.scheme.peers=3"]) == "dml-peers3"
 

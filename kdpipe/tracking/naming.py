@@ -1,6 +1,6 @@
 """How a pipeline run is named and grouped in the MLflow UI.
 
-A sweep is read as a list of runs: the run name says what differs (`kd-T4-a0.9-mag50-int8`),
+A sweep is read as a list of runs: the run name says what differs (`kd-T2-a0.9-mag50-int8`),
 and the tag `kdpipe.sweep` holds one value for every run of one multirun, so one search
 (`tags.kdpipe.sweep = '...'`) shows exactly that sweep.
 """
