@@ -56,6 +56,8 @@ RECOVERY = {
     "recovered by KD from the teacher": ["prune.finetune.distill_from=teacher"],
     "recovered by KD from the unpruned student": ["prune.finetune.distill_from=input"],
 }
+# --ways: the distilling rows of RECOVERY by a short name.
+WAYS = {"teacher": "recovered by KD from the teacher", "student": "recovered by KD from the unpruned student"}
 
 
 def mean_std(values: list[float], sign: str = "") -> str:
@@ -110,7 +112,7 @@ def recovery(args: argparse.Namespace, uri: str) -> str:
     before: list[float] = []
     with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
         for name, extra in RECOVERY.items():
-            if args.ways and name != "fine-tuned on labels" and name.rsplit(" ", 1)[-1] not in args.ways:
+            if args.ways and name in WAYS.values() and name not in {WAYS[w] for w in args.ways}:
                 continue
             for seed in args.seeds:
                 cfg = compose("config", overrides=[*base, *extra, f"seed={seed}", f"tracking.uri={uri}"])
@@ -281,7 +283,7 @@ def main() -> None:
     parser.add_argument("--teacher", nargs="*", default=[],
                         help="the recovery's teacher, e.g. teacher.checkpoint=PATH teacher.model.depth=4 "
                              "(one teacher for every seed; default: trained with each seed)")
-    parser.add_argument("--ways", nargs="*", choices=("teacher", "student"), default=None,
+    parser.add_argument("--ways", nargs="*", choices=tuple(WAYS), default=None,
                         help="the recovery's distilling ways (default both; labels always)")
     parser.add_argument("--no-ladder", action="store_true", help="only the recovery table")
     parser.add_argument("--rungs", nargs="*", default=None, help="run only these rungs of the ladder (names)")

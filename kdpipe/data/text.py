@@ -127,8 +127,10 @@ class TextDataModule(TensorDataModule):
         if self.train_set is not None:
             return
         splits = self.make_splits()
-        held_out = {same_text(self._texts[i]) for k in ("val", "test") for i in splits[k][0].tolist()}
-        extra = [t for t in self.unlabeled_texts() if same_text(t) not in held_out]
+        extra = self.unlabeled_texts()
+        if extra:  # a copy of a validation or test text would leak it into training
+            held_out = {same_text(self._texts[i]) for k in ("val", "test") for i in splits[k][0].tolist()}
+            extra = [t for t in extra if same_text(t) not in held_out]
         train_texts = [self._texts[i] for i in splits["train"][0].tolist()]
         self.tokenizer = self.build_tokenizer(train_texts + extra)
         splits = {k: self.encode_split([self._texts[i] for i in idx.tolist()], y)
