@@ -470,6 +470,8 @@ def main() -> None:
     ap.add_argument("--schemes", nargs="+", choices=SEARCHABLE, default=list(SCHEMES))
     ap.add_argument("--sizes", nargs="+", choices=list(STUDENTS), default=list(STUDENTS))
     ap.add_argument("--epochs", type=int, default=10, help="student epochs (full data)")
+    ap.add_argument("--teacher", choices=list(TEACHERS), default="cnn",
+                    help="the teacher the students distil from (its own folder and experiments)")
     ap.add_argument("--report-epochs", type=int, nargs="+", default=[10, 20],
                     help="the schedules whose final runs the report tabulates")
     ap.add_argument("--jobs", type=int, default=2, help="kdpipe commands at once, one torch thread each")
