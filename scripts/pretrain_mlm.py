@@ -9,6 +9,12 @@ model trained from scratch on a few thousand labeled texts lacks. Writes `<out>/
 
     python scripts/pretrain_mlm.py --out W/mlm                 # English fortunes outside the topic task
     python scripts/pretrain_mlm.py --path corpus.txt --out W/mlm   # your text: any data=text_lm source
+    python scripts/pretrain_mlm.py --out W/mlm --task data=fortunes_topics data.unlabeled=W/unlabeled.jsonl
+
+`--task <kdpipe data overrides>`: the corpus is that task's training split (as kdpipe splits it, at
+its data.seed) plus its `data.unlabeled` texts, less copies of its validation and test texts, and
+the tokenizer is trained on them (plus `<mask>`), so every run of the task takes it as data.tokenizer: the
+domain-adaptive case, where pretraining sees the task's own texts without their labels.
 
 With the fortunes, the corpus is every English category that is not one of `fortunes_topics`'
 classes, less any text that also appears in those classes (whatever its split), so nothing of the
@@ -50,11 +56,31 @@ def fortunes_corpus(root: Path) -> list[str]:
     return unique
 
 
+def task_corpus(overrides: list[str]) -> list[str]:
+    """The training texts and unlabeled texts of the kdpipe text task `overrides` configure."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from kdpipe.data.text import TextDataModule
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    dm = instantiate(cfg.data)
+    if not isinstance(dm, TextDataModule):
+        raise SystemExit(f"--task {' '.join(overrides)}: data is {type(dm).__name__}, not a text "
+                         f"classification task (data=fortunes_topics, data=text_files, ...)")
+    train, unlabeled = dm.training_texts(dm.make_splits())
+    print(f"corpus: {len(train)} training texts of the task + {len(unlabeled)} unlabeled texts")
+    return list(dict.fromkeys(train + unlabeled))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--path", default=None, help="a text_lm source (default: the English fortunes)")
     ap.add_argument("--fortunes", type=Path, default=Path("/usr/share/games/fortunes"))
+    ap.add_argument("--task", nargs="+", default=None, metavar="OVERRIDE",
+                    help="kdpipe data overrides of a text task: pretrain on its training and unlabeled texts")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--heads", type=int, default=4)
@@ -76,8 +102,12 @@ def main() -> None:
     )
 
     torch.manual_seed(args.seed)
-    texts = ([t for docs, _ in read_documents(args.path).values() for t in docs] if args.path
-             else fortunes_corpus(args.fortunes))
+    if args.task:
+        texts = task_corpus(args.task)
+    elif args.path:
+        texts = [t for docs, _ in read_documents(args.path).values() for t in docs]
+    else:
+        texts = fortunes_corpus(args.fortunes)
     random.Random(args.seed).shuffle(texts)
     n_val = max(1, len(texts) // 20)
     val_texts, train_texts = texts[:n_val], texts[n_val:]

@@ -123,15 +123,21 @@ class TextDataModule(TensorDataModule):
         return [t for docs, _ in read_documents(self.unlabeled, self.text_key, "data.unlabeled").values()
                 for t in docs]
 
+    def training_texts(self, splits: dict) -> tuple[list[str], list[str]]:
+        """The texts of the training split (`make_splits`' index tensors) and the unlabeled ones,
+        less any copy of a validation or test text (it would leak into training): what the
+        tokenizer is trained on, and what scripts/pretrain_mlm.py pretrains on with `--task`."""
+        extra = self.unlabeled_texts()
+        if extra:
+            held_out = {same_text(self._texts[i]) for k in ("val", "test") for i in splits[k][0].tolist()}
+            extra = [t for t in extra if same_text(t) not in held_out]
+        return [self._texts[i] for i in splits["train"][0].tolist()], extra
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
         splits = self.make_splits()
-        extra = self.unlabeled_texts()
-        if extra:  # a copy of a validation or test text would leak it into training
-            held_out = {same_text(self._texts[i]) for k in ("val", "test") for i in splits[k][0].tolist()}
-            extra = [t for t in extra if same_text(t) not in held_out]
-        train_texts = [self._texts[i] for i in splits["train"][0].tolist()]
+        train_texts, extra = self.training_texts(splits)
         self.tokenizer = self.build_tokenizer(train_texts + extra)
         splits = {k: self.encode_split([self._texts[i] for i in idx.tolist()], y)
                   for k, (idx, y) in splits.items()}
