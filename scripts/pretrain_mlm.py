@@ -13,8 +13,8 @@ model trained from scratch on a few thousand labeled texts lacks. Writes `<out>/
 
 `--task <kdpipe data overrides>`: the corpus is that task's training split (as kdpipe splits it, at
 its data.seed) plus its `data.unlabeled` texts, less copies of its validation and test texts, and
-the tokenizer is trained on them (plus `<mask>`), so every run of the task takes it as data.tokenizer: the
-domain-adaptive case, where pretraining sees the task's own texts without their labels.
+the tokenizer is trained on them (plus `<mask>`); every run of the task then takes it as
+`data.tokenizer`. The domain-adaptive case: pretraining sees the task's texts, not their labels.
 
 With the fortunes, the corpus is every English category that is not one of `fortunes_topics`'
 classes, less any text that also appears in those classes (whatever its split), so nothing of the

@@ -196,6 +196,9 @@ def test_unlabeled_texts_join_the_transfer_set_only_and_never_a_held_out_text(tm
     assert len(dm.labeled_set) == n_train
     assert torch.equal(dm.val_set.tensors[1], plain.val_set.tensors[1])
     assert dm.fingerprint != plain.fingerprint  # a stage keyed on the data sees the change
+    # what the tokenizer (and scripts/pretrain_mlm.py --task) learns from: training + unlabeled texts
+    train, unlabeled = dm.training_texts(dm.make_splits())
+    assert unlabeled == extra and len(train) == n_train and test_text not in train
     with pytest.raises(ConfigError, match="data.unlabeled"):
         TextDataModule(path=str(tmp_path / "d.csv"), num_classes=3, unlabeled=str(tmp_path / "x")).setup()
     with pytest.raises(ConfigError, match="data.unlabeled is for classification"):
