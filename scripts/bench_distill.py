@@ -148,8 +148,8 @@ class Bench:
         return self.teacher_dir / "teacher" / "model.pt"
 
     def student(self, size: str, epochs: int | None = None) -> list[str]:
-        return [*COMMON, f"teacher.checkpoint={self.teacher_file}", *TEACHERS[self.args.teacher], *STUDENTS[size],
-                f"student.max_epochs={epochs or self.args.epochs}", *self.args.override]
+        return [*COMMON, f"teacher.checkpoint={self.teacher_file}", *TEACHERS[self.args.teacher],
+                *STUDENTS[size], f"student.max_epochs={epochs or self.args.epochs}", *self.args.override]
 
     def tuned(self, scheme: str) -> list[str]:
         """The scheme at its searched values, at the values `--setting` gives it, or at its shipped
@@ -177,7 +177,8 @@ class Bench:
         return ("search" if (a.search_size, a.search_epochs) == ("1/50", 10)
                 else f"search-{tag(a.search_size)}-{a.search_epochs}ep")
 
-    def final_name(self, size: str, scheme: str, epochs: int | None = None, teacher: str | None = None) -> str:
+    def final_name(self, size: str, scheme: str, epochs: int | None = None,
+                   teacher: str | None = None) -> str:
         """The experiment of one final cell; a schedule other than 10 epochs and a teacher other than
         the cnn (for a scheme that has one) are part of its name."""
         epochs, teacher = epochs or self.args.epochs, teacher or self.args.teacher
@@ -190,8 +191,8 @@ class Bench:
             print(f"teacher: {self.teacher_file} exists", flush=True)
             return
         name = self.teacher_dir.name
-        self.parallel([([*COMMON, *TEACHERS[self.args.teacher], TEACHER_EPOCHS, TEACHER_AUGMENT, "distill=none",
-                         "student.max_epochs=1", *self.args.override,
+        self.parallel([([*COMMON, *TEACHERS[self.args.teacher], TEACHER_EPOCHS, TEACHER_AUGMENT,
+                         "distill=none", "student.max_epochs=1", *self.args.override,
                          f"tracking.experiment=bench_{name}", f"hydra.run.dir={self.teacher_dir}"], name)])
 
     def search(self) -> None:
@@ -309,12 +310,12 @@ class Bench:
             seen.setdefault(r.data.params.get("seed"), r)
         return list(seen.values())
 
-    def teacher_run(self):
-        """The teacher stage run that trained the teacher file."""
+    def teacher_run(self, teacher: str):
+        """The teacher stage run that trained the teacher file of `--teacher <teacher>`."""
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(self.env["MLFLOW_TRACKING_URI"])
-        exp = client.get_experiment_by_name("bench_teacher")
+        exp = client.get_experiment_by_name("bench_teacher" + ("" if teacher == "cnn" else f"-{teacher}"))
         query = "tags.`kdpipe.stage` = 'teacher' and attributes.status = 'FINISHED'"
         runs = client.search_runs([exp.experiment_id], query) if exp else []
         return runs[0] if runs else None
@@ -339,40 +340,44 @@ class Bench:
     def final_table(self, size: str, stats: dict, curves: dict) -> list[str]:
         """The rows of one student size, every scheme at every schedule of `--report-epochs`; each
         against scratch at the schedule of its highest validation accuracy (a user's choice).
-        Fills `stats` and `curves`, keyed (size, scheme, epochs)."""
-        cells = {}
-        for scheme, epochs in itertools.product(self.args.schemes, self.args.report_epochs):
-            runs = self.per_seed(self.final_name(size, scheme, epochs))
-            if runs:
-                cells[scheme, epochs] = runs
+        Fills `stats` and `curves`, keyed (size, row label, epochs)."""
+        cells = {}  # (row label, epochs) -> (scheme, runs)
+        schedules = itertools.product(TEACHERS, self.args.schemes, self.args.report_epochs)
+        for teacher, scheme, epochs in schedules:
+            runs = self.per_seed(self.final_name(size, scheme, epochs, teacher))
+            label = scheme if teacher == "cnn" or scheme == "none" else f"{scheme}, {teacher} teacher"
+            if runs and (label, epochs) not in cells:
+                cells[label, epochs] = scheme, runs
                 acc = [100 * r.data.metrics["test/acc"] for r in runs]
-                stats[size, scheme, epochs] = (statistics.mean(acc), std(acc))
-                curves[size, scheme, epochs] = [self.curve(r) for r in runs]
+                stats[size, label, epochs] = (statistics.mean(acc), std(acc))
+                curves[size, label, epochs] = [self.curve(r) for r in runs]
 
         def val(runs: list) -> float:
             return statistics.mean(100 * r.data.metrics.get("val/acc", float("nan")) for r in runs)
 
-        scratch = [(val(runs), epochs) for (scheme, epochs), runs in cells.items() if scheme == "none"]
+        scratch = [(val(runs), epochs) for (label, epochs), (_, runs) in cells.items() if label == "none"]
         chosen = ("none", max(scratch)[1]) if scratch else None
         base = stats[(size, *chosen)] if chosen else None
         rows = []
-        for (scheme, epochs), runs in cells.items():
-            m, s = stats[size, scheme, epochs]
+        for (label, epochs), (scheme, runs) in cells.items():
+            m, s = stats[size, label, epochs]
             delta = ""
-            if base and (scheme, epochs) != chosen:
+            if base and (label, epochs) != chosen:
                 delta = f"{m - base[0]:+.2f}" + (" (mean-std > its mean+std)" if m - s > sum(base) else "")
             ece = statistics.mean(r.data.metrics.get("test/ece", float("nan")) for r in runs)
-            rows.append(f"| {scheme} | {epochs} | {self.setting(scheme, runs[0])} | {m:.2f} ± {s:.2f} "
+            rows.append(f"| {label} | {epochs} | {self.setting(scheme, runs[0])} | {m:.2f} ± {s:.2f} "
                         f"(n={len(runs)}) | {delta} | {val(runs):.2f} | {ece:.4f} |")
         return rows
 
     def report(self) -> None:
         lines = ["# Distillation benchmark (scripts/bench_distill.py)", ""]
-        teacher = self.teacher_run()
-        if teacher is not None:
-            m = teacher.data.metrics
-            lines.append(f"Teacher: cnn width 32 depth 4, {int(m['model/params']):,} parameters, "
-                         f"test acc {100 * m['test/acc']:.2f} % (run {teacher.info.run_id})")
+        for name, what in (("cnn", "cnn width 32 depth 4"), ("ensemble", "three of them trained apart")):
+            teacher = self.teacher_run(name)
+            if teacher is not None:
+                m = teacher.data.metrics
+                lines.append(f"Teacher `{name}`: {what}, {int(m['model/params']):,} parameters, "
+                             f"test acc {100 * m['test/acc']:.2f} %, val acc {100 * m['val/acc']:.2f} % "
+                             f"(run {teacher.info.run_id})  ")
         stats: dict = {}
         curves: dict = {}
         for size in self.args.sizes:

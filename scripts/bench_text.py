@@ -11,7 +11,7 @@ Every run is a `kdpipe` command, printed before it starts, against `<workdir>/ml
 whose run finished in an earlier invocation is skipped. Phases:
 
 - `teacher`: the topic teacher (transformer, 4 layers of 128) and the LM teacher (causal_lm, 4 layers
-  of 128), trained once (seed 0) at each rate of `TEACHER_LRS`; the one with the best validation
+  of 128), trained once (seed 0) at each rate of `--teacher-lrs`; the one with the best validation
   accuracy (perplexity) teaches. Every student loads it with `teacher.checkpoint`, so its outputs
   are computed once (top-k per token for the LM);
 - `search`: seed 0, validation split: the scratch student's learning rate, then KD's temperature and
@@ -109,7 +109,7 @@ class Bench:
         metric = TASKS[task]["metric"]
         runs = self.pipeline_runs()
         scores = {lr: self.stage_run(runs[f"{task}-teacher-lr{lr:g}"], "teacher").data.metrics
-                  [f"val/{metric}"] for lr in TEACHER_LRS}
+                  [f"val/{metric}"] for lr in self.args.teacher_lrs}
         best = (max if metric == "acc" else min)(scores, key=scores.get)
         return f"{task}-teacher-lr{best:g}"
 
@@ -142,14 +142,15 @@ class Bench:
                                                   "student.max_epochs=1",
                                                   f"tracking.experiment=bench_text_{task}"])
                   for task, t in TASKS.items() if "teacher_of" not in t and task in self.args.tasks
-                  for lr in TEACHER_LRS])
+                  for lr in self.args.teacher_lrs])
 
     def chosen(self) -> dict[str, list[str]]:
         """The settings the search picked on the validation split."""
         out = {}
         if "topics" in self.args.tasks:
             lr_topics = max(LRS["topics"], key=lambda lr: self.val(f"topics-none-lr{lr:g}-s0", "acc"))
-            t, a = max(KD_GRID, key=lambda ta: self.val(f"topics-kd-T{ta[0]:g}-a{ta[1]:g}-s0", "acc"))
+            t, a = max(self.args.kd_grid,
+                       key=lambda ta: self.val(f"topics-kd-T{ta[0]:g}-a{ta[1]:g}-s0", "acc"))
             out.update({"topics-none": [f"optim.lr={lr_topics:g}", "distill=none"],
                         "topics-kd": [f"optim.lr={lr_topics:g}", "distill=kd", f"distill.temperature={t:g}",
                                       f"distill.alpha={a:g}"]})
@@ -169,7 +170,7 @@ class Bench:
         self.run([(f"topics-kd-T{t:g}-a{a:g}-s0",
                    self.student_cmd("topics", 0, [f"optim.lr={lr:g}", "distill=kd",
                                                   f"distill.temperature={t:g}", f"distill.alpha={a:g}"]))
-                  for t, a in KD_GRID])
+                  for t, a in self.args.kd_grid])
 
     def final(self) -> None:
         jobs = [(f"{name}-s{seed}", self.student_cmd(name.split("-")[0], seed, extra))
@@ -293,13 +294,22 @@ def main() -> None:
     ap.add_argument("--pretrained", type=Path, default=None,
                     help="a folder of scripts/pretrain_mlm.py: the topic teacher starts from its encoder, "
                          "and every topic run (teacher, scratch, KD) uses its tokenizer")
+    ap.add_argument("--unlabeled", type=Path, default=None,
+                    help="texts without labels (data.unlabeled) that join every topic run: the distilled "
+                         "student learns the teacher's outputs on them, the others never see them")
+    ap.add_argument("--teacher-lrs", type=float, nargs="+", default=list(TEACHER_LRS),
+                    help="the teacher's rates (the best on val teaches)")
+    ap.add_argument("--kd-grid", type=lambda s: tuple(map(float, s.split(":"))), nargs="+", default=KD_GRID,
+                    metavar="T:ALPHA", help="KD's candidates on the full-label topics, e.g. 1:0.9 2:0.9")
     args = ap.parse_args()
-    if args.pretrained:
-        folder = args.pretrained.resolve()
-        for task in ("topics", "topics10"):
-            t = TASKS[task]
+    for task in ("topics", "topics10"):
+        t = TASKS[task]
+        if args.pretrained:
+            folder = args.pretrained.resolve()
             t["data"] = [*t["data"], f"data.tokenizer={folder / 'tokenizer.json'}"]
             t["teacher"] = [*t["teacher"], f"teacher.model.pretrained={folder}"]
+        if args.unlabeled:
+            t["data"] = [*t["data"], f"data.unlabeled={args.unlabeled.resolve()}"]
     bench = Bench(args)
     for phase in args.phases:
         getattr(bench, phase)()
