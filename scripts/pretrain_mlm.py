@@ -149,7 +149,8 @@ def main() -> None:
     history, t0 = [], time.time()
     for epoch in range(1, args.epochs + 1):
         model.train()
-        for batch in tqdm(list(batches(train_texts, True)), desc=f"epoch {epoch}/{args.epochs}", leave=False):
+        for batch in tqdm(list(batches(train_texts, True)), desc=f"epoch {epoch}/{args.epochs}", leave=False,
+                          disable=None):
             loss = mlm_loss(batch)
             opt.zero_grad()
             loss.backward()
