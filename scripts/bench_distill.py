@@ -11,8 +11,10 @@ Every run is a `kdpipe` command, printed before it starts, against one MLflow st
 `--workdir` (`mlflow ui --backend-store-uri sqlite:///<workdir>/mlflow.db` shows them all).
 Phases (a phase skips the commands whose runs an earlier invocation finished):
 
-- `teacher`: cnn width 32 depth 4 (391k parameters), crop+flip augmentation, 20 epochs; every
-  student loads it with `teacher.checkpoint`, so its logits are computed once per training set;
+- `teacher`: cnn width 32 depth 4 (391k parameters), crop+flip augmentation, 20 epochs, or with
+  `--teacher ensemble` three of them trained apart (`teacher=ensemble`); every student loads it with
+  `teacher.checkpoint`, so its logits are computed once per training set; the students of the
+  ensemble are experiments of their own (`...-ensemble`), the report puts both in one table;
 - `search`: for each scheme, `kdpipe -m hparams_search=<scheme>` on the `--search-size` student
   (1/50) for `--search-epochs` (10), seed 0 (conf/hparams_search/<scheme>.yaml: the keys and their
   ranges), `val/acc` maximised; the final and scarce phases use the results of that search;
@@ -74,6 +76,11 @@ CNN_TEACHER = "{_target_:kdpipe.models.cnn,width:32,depth:4}"
 TEACHERS = {"cnn": ["teacher.model.depth=4"],
             "ensemble": ["teacher=ensemble", f"teacher.model.members=[{','.join([CNN_TEACHER] * 3)}]"]}
 TEACHER_EPOCHS = "teacher.max_epochs=20"
+
+
+def teacher_folder(teacher: str) -> str:
+    """The folder (under --workdir) and, after `bench_`, the experiment of a teacher's training run."""
+    return "teacher" if teacher == "cnn" else f"teacher-{teacher}"
 TEACHER_AUGMENT = "data.augment=[crop,flip]"
 COMMON = ["data=fashion_mnist", "data.seed=0", "prune=none", "quantize=none", "eval.latency_iters=5",
           "eval.latency_warmup=1", "trainer.enable_progress_bar=false"]
@@ -141,7 +148,7 @@ class Bench:
     # -- the pieces of a command -------------------------------------------------------------------
     @property
     def teacher_dir(self) -> Path:
-        return self.work / ("teacher" if self.args.teacher == "cnn" else f"teacher-{self.args.teacher}")
+        return self.work / teacher_folder(self.args.teacher)
 
     @property
     def teacher_file(self) -> Path:
@@ -315,7 +322,7 @@ class Bench:
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(self.env["MLFLOW_TRACKING_URI"])
-        exp = client.get_experiment_by_name("bench_teacher" + ("" if teacher == "cnn" else f"-{teacher}"))
+        exp = client.get_experiment_by_name(f"bench_{teacher_folder(teacher)}")
         query = "tags.`kdpipe.stage` = 'teacher' and attributes.status = 'FINISHED'"
         runs = client.search_runs([exp.experiment_id], query) if exp else []
         return runs[0] if runs else None
