@@ -56,8 +56,9 @@ def fortunes_corpus(root: Path) -> list[str]:
     return unique
 
 
-def task_corpus(overrides: list[str]) -> list[str]:
-    """The training texts and unlabeled texts of the kdpipe text task `overrides` configure."""
+def task_corpus(overrides: list[str], args: argparse.Namespace) -> list[str]:
+    """The training texts and unlabeled texts of the kdpipe text task `overrides` configure; the
+    task's max_length, vocab_size and lowercase replace those of `args`, so the encoder fits it."""
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
@@ -69,6 +70,7 @@ def task_corpus(overrides: list[str]) -> list[str]:
     if not isinstance(dm, TextDataModule):
         raise SystemExit(f"--task {' '.join(overrides)}: data is {type(dm).__name__}, not a text "
                          f"classification task (data=fortunes_topics, data=text_files, ...)")
+    args.max_length, args.vocab_size, args.lowercase = dm.max_length, dm.vocab_size, dm.lowercase
     train, unlabeled = dm.training_texts(dm.make_splits())
     print(f"corpus: {len(train)} training texts of the task + {len(unlabeled)} unlabeled texts")
     return list(dict.fromkeys(train + unlabeled))
@@ -103,7 +105,7 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     if args.task:
-        texts = task_corpus(args.task)
+        texts = task_corpus(args.task, args)
     elif args.path:
         texts = [t for docs, _ in read_documents(args.path).values() for t in docs]
     else:
