@@ -430,6 +430,7 @@ class Bench:
                 accs = [v[0] for v in vals]
                 lines.append(f"| {t:g} | {mean_std(accs)} | "
                              f"{statistics.mean(v[1] for v in vals):.2f} | {len(vals)} |")
+        lines += self.cost()
         (self.work / "report.md").write_text("\n".join(lines) + "\n")
         (self.work / "report.json").write_text(json.dumps(
             {"final": {" ".join(map(str, k)): v for k, v in stats.items()},
@@ -437,6 +438,26 @@ class Bench:
              "temperature": {f"{k[0]} {k[1]}": v for k, v in temps.items()}}, indent=1))
         self.plots(curves, temps)
         print("\n".join(lines))
+
+    def cost(self) -> list[str]:
+        """What each phase's runs in the store took: the sum of their wall-clock times (one torch
+        thread each, `--jobs` of them at once), so the study's cost on these cores can be read off."""
+        import mlflow
+
+        mlflow.set_tracking_uri(self.env["MLFLOW_TRACKING_URI"])
+        minutes: dict[str, list[float]] = {}
+        for exp in mlflow.search_experiments(filter_string="name LIKE 'bench%'"):
+            phase = exp.name[6:].split("-")[0] if exp.name.startswith("bench-") else "teacher"
+            minutes.setdefault(phase, []).extend((r.info.end_time - r.info.start_time) / 60000
+                                                 for r in self.runs(exp.name))
+        if not minutes:
+            return []
+        rows = [f"| {phase} | {len(m)} | {sum(m):.0f} | {sum(m) / len(m):.1f} |"
+                for phase, m in minutes.items() if m]
+        total = sum(sum(m) for m in minutes.values())
+        return ["", "## Cost (wall-clock of the finished runs in this store, one torch thread each)", "",
+                "| phase | runs | minutes in all | minutes per run |", "|---|---|---|---|", *rows,
+                f"| all | {sum(map(len, minutes.values()))} | {total:.0f} | |"]
 
     def plots(self, curves: dict, temps: dict) -> None:
         import matplotlib

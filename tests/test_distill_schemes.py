@@ -155,6 +155,35 @@ def test_cached_teacher_logits_train_without_running_the_teacher(tiny):
     assert counter.calls > 0
 
 
+def test_cached_teacher_features_give_the_live_loss_and_the_teacher_never_runs(tiny):
+    """CRD reads the teacher's pooled features: cached beside the logits, they give the loss the live
+    teacher gives, term by term, and a whole fit runs without the teacher."""
+    dm, teacher = tiny
+    logits = compute_logits(teacher, dm.train_set)
+    features = compute_logits(teacher, dm.train_set, layers=("pool",))
+    assert features["pool"].shape == (len(dm.train_set), 32)  # one pooled vector per image
+    batch = next(iter(cached_train_loader(dm, logits, features)))
+    assert len(batch) == 4
+
+    def module():
+        torch.manual_seed(0)  # the same student and the same CRD embeddings in both
+        return DistillationModule(_student(), teacher, _loss(["distill=crd"]), 4, dm.example_input(2), ADAMW)
+
+    live, cached = module(), module()
+    cached.cached_layers = ("pool",)
+    counter = _CountCalls(teacher)
+    from_cache = cached.training_loss(*cached.unpack(batch))
+    assert counter.calls == 0
+    from_teacher = live.training_loss(*live.unpack(batch[:2]))
+    assert counter.calls == 1 and set(from_cache) == {"ce", "crd"}
+    for name, value in from_teacher.items():
+        torch.testing.assert_close(from_cache[name], value, msg=name)
+    counter.calls = 0
+    acc, logged = _fit_and_test(cached, dm, loaders=cached_train_loader(dm, logits, features))
+    assert counter.calls == 0, "the teacher ran although its features were cached"
+    assert acc > CHANCE + 0.2 and "train/loss_crd" in logged
+
+
 def test_augmentation_gives_teacher_and_student_the_same_new_view(tiny):
     dm, teacher = tiny
     seen: dict[str, torch.Tensor] = {}
@@ -227,6 +256,25 @@ def test_pipeline_caches_teacher_logits_with_the_teacher_run_and_reuses_them(sto
     assert stored == ["teacher_outputs/train_logits.pt"]
 
 
+def test_pipeline_caches_the_teacher_features_a_loss_reads_when_they_fit(store, tmp_path, caplog):
+    base = ["prune=none", "quantize=none", "distill=crd", "student.max_epochs=1"]
+    run_pipeline(make_cfg(base), tmp_path / "a")
+    run_pipeline(make_cfg([*base, "distill.terms.crd.weight=0.5"]), tmp_path / "b")
+    with caplog.at_level(logging.INFO, logger="kdpipe"):
+        run_pipeline(make_cfg([*base, "distill.scheme.cache_features_gb=0"]), tmp_path / "c")
+    assert "teacher runs every step" in caplog.text and "cache_features_gb=0" in caplog.text
+    distills = sorted((r for r in _runs() if r.data.tags.get("kdpipe.stage") == "distill"),
+                      key=lambda r: r.info.start_time)
+    assert [r.data.tags["kdpipe.teacher_cache"] for r in distills] == ["computed", "reused", "off"]
+    teacher = next(r for r in _runs() if r.data.tags.get("kdpipe.stage") == "teacher"
+                   and "kdpipe.reused_from" not in r.data.tags)
+    stored = {f.path for f in MlflowClient().list_artifacts(teacher.info.run_id, "teacher_outputs")}
+    assert stored == {"teacher_outputs/train_logits.pt", "teacher_outputs/train_features_pool.pt"}
+    with pytest.raises(ConfigError, match="cache_features_gb=0"):
+        run_pipeline(make_cfg([*base, "distill.scheme.cache_features_gb=0", "distill.scheme.cache_teacher=true"]),
+                     tmp_path / "d")
+
+
 def _compose(overrides: list[str]):
     """Like make_cfg, without FAST's teacher width (the teacher here is none or an ensemble)."""
     fast = [o for o in FAST if not o.startswith("teacher.model.width")]
@@ -272,4 +320,4 @@ def test_hint_and_dkd_compose_from_yaml_alone_and_each_term_has_its_curve(store,
     for term in ("ce", "tckd", "nckd", "hint"):
         assert client.get_metric_history(distill.info.run_id, f"train/loss_{term}"), term
     assert "train/loss_kd" not in distill.data.metrics  # weight 0 (alpha=0): not in the sum
-    assert distill.data.tags["kdpipe.teacher_cache"] == "off"  # the hint reads teacher features
+    assert distill.data.tags["kdpipe.teacher_cache"] == "computed"  # the hint's teacher features too

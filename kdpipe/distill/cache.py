@@ -1,11 +1,12 @@
 """The teacher's outputs on the training set, computed once and stored with the teacher's run.
 
 Why: in offline distillation without augmentation the teacher sees the same images every
-epoch, so its forward pass is the same work repeated; with the logits precomputed, a
-distillation epoch costs about what a scratch epoch costs. The file is an artefact of the
-teacher stage's run (`teacher_outputs/train_logits.pt`), so it is keyed like that run (its
-cache key covers the teacher config, the data config and the seed, i.e. the training set) and
-every later student of that teacher reuses it.
+epoch, so its forward pass is the same work repeated; with its outputs precomputed, a
+distillation epoch costs about what a scratch epoch costs. The files are artefacts of the
+teacher stage's run (`teacher_outputs/train_logits.pt`, and `train_features_<layers>.pt` for the
+teacher layers a loss reads, when they fit `distill.scheme.cache_features_gb`), so they are keyed
+like that run (its cache key covers the teacher config, the data config and the seed, i.e. the
+training set) and every later student of that teacher reuses them.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from kdpipe.errors import ConfigError
 from kdpipe.losses.token import TopK, topk_logits
+from kdpipe.modules.distill import FeatureHooks
 from kdpipe.tracking.store import stage_lock
 
 log = logging.getLogger("kdpipe")
@@ -31,13 +33,14 @@ CACHE_TAG = "kdpipe.teacher_cache"  # on the distill run: computed | reused | of
 ARTIFACT_DIR = "teacher_outputs"
 
 
-def cache_blockers(augment: bool, teacher_layers: tuple[str, ...], chain: bool) -> list[str]:
-    """Why the teacher's outputs cannot be precomputed (empty when they can)."""
+def cache_blockers(augment: bool, chain: bool, features: str | None = None) -> list[str]:
+    """Why the teacher's outputs cannot be precomputed (empty when they can); `features` says why
+    the teacher features the loss reads cannot be (`feature_blocker`)."""
     reasons = []
     if augment:
         reasons.append("data.augment is set, so the teacher must see each new augmented view")
-    if teacher_layers:
-        reasons.append(f"the loss reads teacher features ({', '.join(teacher_layers)}), not only logits")
+    if features:
+        reasons.append(features)
     if chain:
         reasons.append("distill.scheme.chain is set, so each assistant is the next link's teacher")
     return reasons
@@ -55,18 +58,46 @@ def use_cache(mode, blockers: list[str]) -> bool:
     return mode != "false" and not blockers
 
 
+def feature_blocker(teacher: nn.Module, layers: tuple[str, ...], example: torch.Tensor, n: int | None,
+                    limit_gb: float) -> str | None:
+    """Why the outputs of the teacher's `layers` over `n` training samples cannot be cached: an
+    output that is not one tensor, or more than `limit_gb` GiB of float32 in all (the early
+    feature maps attention transfer reads); None when they can (CRD's pooled features). `n` None:
+    the size is not known yet (the config check, before the data is loaded)."""
+    if not layers:
+        return None
+    outputs: dict[str, object] = {}
+    with FeatureHooks(teacher, layers, "teacher") as hooks, torch.no_grad():
+        teacher.eval()(example)
+        outputs = hooks.pop()
+    odd = [p for p, o in outputs.items() if not isinstance(o, torch.Tensor)]
+    if odd:
+        return f"the teacher layers the loss reads ({', '.join(odd)}) do not output one tensor"
+    gb = (n or 0) * sum(o[0].numel() for o in outputs.values()) * 4 / 2**30
+    if gb > limit_gb:
+        return (f"the teacher features the loss reads ({', '.join(layers)}) would take {gb:.3g} GiB over "
+                f"the {n:,} training samples, above distill.scheme.cache_features_gb={limit_gb:g}")
+    return None
+
+
 @torch.no_grad()
 def compute_logits(teacher: nn.Module, train_set: TensorDataset, batch_size: int = 512,
-                   topk: int | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
+                   topk: int | None = None, layers: tuple[str, ...] = ()):
     """The teacher's outputs on every training sample, in order. A language model's `(N, L, V)`
     logits are kept in top-k form (`{"values", "indices"}`, kdpipe.losses.token.TopK) when `topk`
-    is set: a vocabulary's worth of floats per token would not fit on disk."""
+    is set: a vocabulary's worth of floats per token would not fit on disk. With `layers`, the
+    outputs of those teacher modules instead, `{path: (N, ...)}`."""
     teacher.eval()
     loader = DataLoader(train_set, batch_size=batch_size, shuffle=False)
-    outs = []
-    for batch in loader:  # each batch cut to top-k at once: a batch of dense LM logits is what is held
-        out = teacher(batch[0])
-        outs.append(topk_logits(out, int(topk)) if topk and out.dim() == 3 else out)
+    outs, feats = [], {p: [] for p in layers}
+    with FeatureHooks(teacher, layers, "teacher") as hooks:
+        for batch in loader:  # each batch cut to top-k at once: a batch of dense LM logits is what is held
+            out = teacher(batch[0])
+            for p, f in hooks.pop().items():
+                feats[p].append(f)
+            outs.append(topk_logits(out, int(topk)) if topk and out.dim() == 3 else out)
+    if layers:
+        return {p: torch.cat(f) for p, f in feats.items()}
     if outs and isinstance(outs[0], TopK):
         return {"values": torch.cat([o.values for o in outs]),
                 "indices": torch.cat([o.indices for o in outs])}
@@ -125,10 +156,32 @@ def teacher_train_logits(datamodule, workdir: Path, source: str, teacher_key: st
     return logits
 
 
-def cached_train_loader(datamodule, logits: torch.Tensor | dict[str, torch.Tensor]) -> DataLoader:
+def teacher_train_features(datamodule, workdir: Path, source: str, teacher_key: str, teacher: nn.Module,
+                           layers: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The outputs of the teacher's `layers` for every training sample, in dataset order, stored
+    with the teacher's run `source` like its logits (`train_features_<layers>.pt`)."""
+    name = f"train_features_{'+'.join(layers)}.pt"
+    n = len(datamodule.train_set)
+
+    def valid(v) -> bool:
+        return isinstance(v, dict) and set(v) == set(layers) and all(len(t) == n for t in v.values())
+
+    def compute():
+        return compute_logits(teacher, datamodule.train_set, layers=layers)
+
+    feats, reused = stored_with_run(source, f"{teacher_key}/{name}", ARTIFACT_DIR, name,
+                                    workdir / ARTIFACT_DIR, compute, valid)
+    if reused:
+        log.info("distill: teacher features %s reused from run %s", ", ".join(layers), source)
+    return feats
+
+
+def cached_train_loader(datamodule, logits: torch.Tensor | dict[str, torch.Tensor],
+                        features: dict[str, torch.Tensor] | None = None) -> DataLoader:
     """The training loader with the teacher's logits as a third column (top-k values and indices as
-    third and fourth): shuffled together with the inputs (same seeded order as the plain loader),
-    so they always stay aligned."""
+    third and fourth), then the cached teacher features, one column per layer in `features`' order:
+    shuffled together with the inputs (same seeded order as the plain loader), so they always stay
+    aligned."""
     x, y = datamodule.train_set.tensors
     columns = (logits["values"], logits["indices"]) if isinstance(logits, dict) else (logits,)
-    return datamodule._loader(TensorDataset(x, y, *columns), shuffle=True)
+    return datamodule._loader(TensorDataset(x, y, *columns, *(features or {}).values()), shuffle=True)

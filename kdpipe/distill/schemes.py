@@ -25,6 +25,8 @@ from kdpipe.distill.cache import (
     CACHE_TAG,
     cache_blockers,
     cached_train_loader,
+    feature_blocker,
+    teacher_train_features,
     teacher_train_logits,
     use_cache,
 )
@@ -121,15 +123,19 @@ class Offline:
     """The student learns from the frozen teacher of the teacher stage through `distill.terms`
     (KD, DKD, hints, attention, relations...), optionally through a teacher-assistant chain
     (Mirzadeh et al. 2020): each `chain` entry, a model config, is distilled in turn and teaches
-    the next. Without augmentation, teacher features or a chain, the teacher's logits are
-    computed once per training set and stored with its run (`cache_teacher: auto`)."""
+    the next. Without augmentation or a chain, the teacher's logits, and the teacher features the
+    loss reads when they fit `cache_features_gb`, are computed once per training set and stored
+    with its run (`cache_teacher: auto`)."""
 
     needs_teacher = True
 
     def __init__(self, cache_teacher: str | bool = "auto", chain: Sequence[dict] = (),
                  capacity_gap_fraction: float = 0.05, ensemble_temperature: float | None = None,
-                 cache_topk: int = 64) -> None:
+                 cache_topk: int = 64, cache_features_gb: float = 1.0) -> None:
         self.cache_teacher = str(cache_teacher).lower()
+        self.cache_features_gb = limits.non_negative(
+            cache_features_gb, "distill.scheme.cache_features_gb",
+            "the GiB of teacher features a cache may hold; 0 caches the logits alone")
         self.cache_topk = limits.positive_int(cache_topk, "distill.scheme.cache_topk",
                                               "the teacher logits kept per token of a language model")
         use_cache(self.cache_teacher, [])  # the mode's spelling is checked here, its feasibility in check()
@@ -158,8 +164,15 @@ class Offline:
             except Exception as exc:
                 raise ConfigError(f"distill.scheme.chain[{i}] cannot be built from {arch.get('_target_')}: "
                                   f"{exc}") from exc
-        use_cache(self.cache_teacher,
-                  cache_blockers(job.augment is not None, loss.teacher_layers, bool(self.chain)))
+        use_cache(self.cache_teacher, self.cache_blockers(job, loss, teacher))
+
+    def cache_blockers(self, job: DistillJob, loss: WeightedSum, teacher: nn.Module) -> list[str]:
+        """Why the teacher's outputs cannot be cached (the size of its features only once the
+        training set is loaded)."""
+        n = len(job.datamodule.train_set) if job.datamodule is not None else None
+        return cache_blockers(job.augment is not None, bool(self.chain),
+                              feature_blocker(teacher, loss.teacher_layers, job.example_input, n,
+                                              self.cache_features_gb))
 
     def train(self, job: DistillJob) -> nn.Module:
         teacher = job.teacher
@@ -178,16 +191,24 @@ class Offline:
             mlflow.set_tag("kdpipe.capacity_gap",
                            f"{count_params(student)[0] / count_params(teacher)[0]:.4f}")
         loss = job.loss()
-        if use_cache(self.cache_teacher, cache_blockers(job.augment is not None, loss.teacher_layers,
-                                                        bool(self.chain))):
+        module = job.distiller(student, teacher, loss)
+        blockers = self.cache_blockers(job, loss, teacher)
+        if use_cache(self.cache_teacher, blockers):
             suffix = f"_T{teacher.temperature:g}" if isinstance(teacher, EnsembleTeacher) else ""
             logits = teacher_train_logits(job.datamodule, job.workdir, job.teacher_run_id, job.teacher_key,
                                           teacher, suffix, self.cache_topk)
-            loader = cached_train_loader(job.datamodule, logits)
+            features = {}
+            if loss.teacher_layers:
+                features = teacher_train_features(job.datamodule, job.workdir, job.teacher_run_id,
+                                                  job.teacher_key, teacher, loss.teacher_layers)
+            loader = cached_train_loader(job.datamodule, logits, features)
+            module.cached_layers = tuple(features)
         else:
+            if self.cache_teacher == "auto":
+                log.info("distill: the teacher runs every step: %s", "; ".join(blockers))
             mlflow.set_tag(CACHE_TAG, "off")
             loader = transfer_loader(job.datamodule)
-        job.fitter.fit(job.distiller(student, teacher, loss), "student", job.max_epochs, train_loader=loader)
+        job.fitter.fit(module, "student", job.max_epochs, train_loader=loader)
         return student
 
 

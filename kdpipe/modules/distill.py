@@ -35,6 +35,12 @@ class FeatureHooks:
         for h in self._handles:
             h.remove()
 
+    def __enter__(self) -> FeatureHooks:
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.remove()
+
 
 class DistillationModule(ClassifierModule):
     """Student + frozen teacher (eval mode, no gradients) + a `WeightedSum` of loss terms.
@@ -42,7 +48,12 @@ class DistillationModule(ClassifierModule):
     The teacher is a registered submodule so it follows the student to the device, but its
     parameters are frozen and `train()` never takes it out of eval mode (BatchNorm statistics
     and dropout of a trained teacher must not change while distilling).
+
+    `cached_layers`: the teacher layers whose outputs the training batches carry after the teacher's
+    logits (kdpipe.distill.cache), so that the teacher never runs while training.
     """
+
+    cached_layers: tuple[str, ...] = ()
 
     def __init__(self, student: nn.Module, teacher: nn.Module, loss: WeightedSum, num_classes: int,
                  example_input: torch.Tensor, optim: Optim | None = None,
@@ -62,27 +73,32 @@ class DistillationModule(ClassifierModule):
         return self
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        if len(batch) == 3:  # (x, y, teacher logits precomputed by kdpipe.distill.cache)
-            x, y, self._cached_logits = batch
-            batch = (x, y)
-        elif len(batch) == 4:  # a language model teacher's top-k logits: (x, y, values, token ids)
-            x, y, values, indices = batch
-            self._cached_logits = TopK(values, indices)
-            batch = (x, y)
-        return super().training_step(batch, batch_idx)
+        return super().training_step(self.unpack(batch), batch_idx)
+
+    def unpack(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) of a batch; the teacher outputs a cached batch carries after them (kdpipe.distill.cache:
+        the logits, or a language model's top-k values and ids, then `cached_layers`) are kept for
+        the next `training_loss`."""
+        if len(batch) > 2:
+            x, y, *columns = batch
+            k = len(columns) - len(self.cached_layers)
+            logits = columns[0] if k == 1 else TopK(*columns[:k])
+            self._cached = (logits, dict(zip(self.cached_layers, columns[k:], strict=True)))
+            return x, y
+        return batch
 
     def training_loss(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        cached, self._cached_logits = getattr(self, "_cached_logits", None), None
+        cached, self._cached = getattr(self, "_cached", None), None
         if cached is not None:
-            teacher_logits = cached  # the teacher does not run at all
+            teacher_logits, teacher_features = cached  # the teacher does not run at all
         else:
             with torch.no_grad():
                 teacher_logits = self.teacher(x)
+            teacher_features = self.teacher_hooks.pop()
         # a language model's outputs become one row per real token (padding dropped)
         student_logits, y, teacher_logits = token_rows(self.model(x), y, teacher_logits)
         self._exit_teacher = teacher_logits  # early exits of the student may learn from it too
-        out = DistillOutputs(student_logits, teacher_logits, y, self.student_hooks.pop(),
-                             self.teacher_hooks.pop())
+        out = DistillOutputs(student_logits, teacher_logits, y, self.student_hooks.pop(), teacher_features)
         return self.loss(out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
