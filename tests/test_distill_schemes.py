@@ -271,8 +271,8 @@ def test_pipeline_caches_the_teacher_features_a_loss_reads_when_they_fit(store, 
     stored = {f.path for f in MlflowClient().list_artifacts(teacher.info.run_id, "teacher_outputs")}
     assert stored == {"teacher_outputs/train_logits.pt", "teacher_outputs/train_features_pool.pt"}
     with pytest.raises(ConfigError, match="cache_features_gb=0"):
-        run_pipeline(make_cfg([*base, "distill.scheme.cache_features_gb=0", "distill.scheme.cache_teacher=true"]),
-                     tmp_path / "d")
+        run_pipeline(make_cfg([*base, "distill.scheme.cache_features_gb=0",
+                               "distill.scheme.cache_teacher=true"]), tmp_path / "d")
 
 
 def _compose(overrides: list[str]):

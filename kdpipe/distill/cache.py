@@ -173,6 +173,8 @@ def teacher_train_features(datamodule, workdir: Path, source: str, teacher_key: 
                                     workdir / ARTIFACT_DIR, compute, valid)
     if reused:
         log.info("distill: teacher features %s reused from run %s", ", ".join(layers), source)
+    else:
+        mlflow.set_tag(CACHE_TAG, "computed")
     return feats
 
 
