@@ -1,11 +1,11 @@
 """The distillation benchmark of docs/distillation.md: Fashion-MNIST, full training set, a teacher
 above 93 %, students at about 1/10 and 1/50 of its parameters, every scheme at the setting kdpipe's
-own Optuna search picked on the validation split, next to scratch at its own searched learning
-rate; 3 seeds, mean ± std of the last epoch on the official test split. Then the label-scarce
-regime (1 % and 10 % labels) and the temperature curve.
+own Optuna search picked on the validation split (most are now the shipped defaults), next to
+scratch at its own searched learning rate and epochs; 3 seeds, mean ± std of the last epoch on the
+official test split. Then the label-scarce regime (1 % and 10 % labels) and the temperature curve.
 
-    python scripts/bench_distill.py                       # every phase, 2 jobs at a time
-    python scripts/bench_distill.py --phases report       # the tables and plots from the store
+    python scripts/bench_distill.py --workdir W                 # the whole benchmark, 2 jobs at a time
+    python scripts/bench_distill.py --workdir W --phases report # the tables and plots from the store
 
 Every run is a `kdpipe` command, printed before it starts, against one MLflow store in
 `--workdir` (`mlflow ui --backend-store-uri sqlite:///<workdir>/mlflow.db` shows them all).
@@ -15,31 +15,27 @@ Phases (a phase skips the commands whose runs an earlier invocation finished):
   `--teacher ensemble` three of them trained apart (`teacher=ensemble`); every student loads it with
   `teacher.checkpoint`, so its logits are computed once per training set; the students of the
   ensemble are experiments of their own (`...-ensemble`), the report puts both in one table;
-- `search`: for each scheme, `kdpipe -m hparams_search=<scheme>` on the `--search-size` student
-  (1/50) for `--search-epochs` (10), seed 0 (conf/hparams_search/<scheme>.yaml: the keys and their
-  ranges), `val/acc` maximised; the final and scarce phases use the results of that search;
-- `final`: each student size x scheme x seeds 0-2 at the searched values (`--unsearched <scheme>`:
-  at its shipped default instead; `--setting <scheme> '<overrides>'`: at values chosen on the
-  validation split elsewhere); `--epochs 20` runs a longer schedule as its own experiments;
-- `scarce`: `data.labeled_fraction` 0.01 and 0.1: scratch on the labeled images (its epochs chosen
-  on val/acc from a grid, at most the distilled student's optimiser steps) against KD on every image
-  (its setting chosen on val/acc between the full-data one, searched or `--setting`, and the classic
-  T=4, alpha=0.9); `--scarce-size` picks the student (1/50);
-- `temperature`: `experiment=temperature_sweep` (KD at alpha 0.9, T from 0.5 to 16) on the
-  `--temperature-size` student (1/10), seeds 0-2;
-- `report`: `<workdir>/report.md`, `curves.png` (val/acc per epoch), `temperature.png`.
+- `final`: the cells of STUDY (below), each x seeds 0-2 (a command per seed): the 1/10 student from
+  scratch at 10 and 20 epochs (each at the learning rate its search chose) and by kd, ls_kd, dist,
+  dkd, crd at 20 epochs
+  at their shipped defaults; the 1/50 student from scratch and by kd at 20 epochs at its own
+  search's settings. `--schemes` runs others (a scheme not in STUDY: 20 epochs, shipped default),
+  `--epochs` one schedule for all, `--setting <scheme> '<overrides>'` other values chosen on val;
+- `scarce`: `data.labeled_fraction` 0.01 and 0.1 (`--scarce-size`, the 1/10 student): scratch on the
+  labeled images (its epochs chosen on val/acc from a grid, at most the distilled student's optimiser
+  steps) against KD on every image (its setting chosen on val/acc between the full-data one and the
+  classic T=4, alpha=0.9);
+- `temperature`: `experiment=temperature_sweep` (KD at alpha 0.9, T from 0.5 to 16, 10 epochs) on
+  the `--temperature-size` student (1/10), seeds 0-2;
+- `report`: `<workdir>/report.md` (with what each phase's runs cost), `curves.png` (val/acc per
+  epoch), `temperature.png`;
+- `search` (not run by default: how the settings were found): for each of `--schemes`,
+  `kdpipe -m hparams_search=<scheme>` on the `--search-size` student for `--search-epochs`, seed 0
+  (conf/hparams_search/<scheme>.yaml: the keys and their ranges), `val/acc` maximised; `--searched`
+  runs the final and scarce phases at its winners.
 
-The study of docs/distillation.md, as it was run:
-
-    python scripts/bench_distill.py --workdir W --phases teacher search final scarce
-    python scripts/bench_distill.py --workdir W --phases final --sizes 1/10 --schemes dist dkd ls_kd crd \
-        --unsearched dist dkd crd
-    python scripts/bench_distill.py --workdir W --phases temperature
-    python scripts/bench_distill.py --workdir W --phases final --sizes 1/10 --schemes none kd \
-        --epochs 20 --seeds 0
-    python scripts/bench_distill.py --workdir W --phases report --unsearched dist dkd crd
-
-Jobs run with one torch thread each (`OMP_NUM_THREADS=1`), `--jobs` of them at once.
+Jobs run with one torch thread each (`OMP_NUM_THREADS=1`), `--jobs` of them at once; a job that
+runs alone (the teacher) gets `--jobs` threads.
 """
 
 from __future__ import annotations
@@ -60,10 +56,13 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 PHASES = ("teacher", "search", "final", "scarce", "temperature", "report")
-# The schemes run by default; any scheme with a conf/hparams_search/<scheme>.yaml can be named.
-SCHEMES = ("none", "kd", "ls_kd", "dkd", "dist", "crd")
+# The benchmark; `search` is how the settings it runs at were found (on the validation split).
+DEFAULT_PHASES = ("teacher", "final", "scarce", "temperature", "report")
+# Any scheme with a conf/hparams_search/<scheme>.yaml can be named; the report lists them in this order.
 SEARCHABLE = tuple(sorted(p.stem for p in (REPO / "conf" / "hparams_search").glob("*.yaml")
                           if p.stem != "optuna"))
+REPORT_ORDER = ("none", "kd", "ls_kd", "dist", "dkd", "crd", "attention", "sp",
+                *sorted(set(SEARCHABLE) - {"none", "kd", "ls_kd", "dist", "dkd", "crd", "attention", "sp"}))
 # Students as fractions of the teacher's 390,890 parameters (cnn width 32 depth 4).
 STUDENTS = {
     "1/50": ["student.model.width=9", "student.model.depth=3"],    # 7,867 parameters
@@ -76,6 +75,19 @@ CNN_TEACHER = "{_target_:kdpipe.models.cnn,width:32,depth:4}"
 TEACHERS = {"cnn": ["teacher.model.depth=4"],
             "ensemble": ["teacher=ensemble", f"teacher.model.members=[{','.join([CNN_TEACHER] * 3)}]"]}
 TEACHER_EPOCHS = "teacher.max_epochs=20"
+# The final phase of the benchmark: per student size, each scheme's schedules (epochs) and the setting
+# that kdpipe's searches chose on the validation split (docs/distillation.md, "The searches"); [] is
+# the scheme's shipped default, itself a search's winner. Scratch runs at two schedules so that its
+# own is chosen on val too. A scheme named by --schemes and not here runs 20 epochs at its default.
+STUDY = {
+    "1/10": {"none": {10: ["optim.lr=0.01641"], 20: ["optim.lr=0.008559"]},
+             **{scheme: {20: []} for scheme in ("kd", "ls_kd", "dist", "dkd", "crd")}},
+    "1/50": {"none": {20: ["optim.lr=0.01641"]},
+             "kd": {20: ["distill.temperature=1.059", "distill.alpha=0.118"]}},
+}
+# Epochs of the distilled students with few labels (on every image) and of the temperature curve.
+SCARCE_KD_EPOCHS = 10
+TEMPERATURE_EPOCHS = 10
 
 
 def teacher_folder(teacher: str) -> str:
@@ -122,8 +134,8 @@ class Bench:
         self.n_seeds = len(args.seeds.split(","))
 
     # -- running -------------------------------------------------------------------------------
-    def kdpipe(self, args: list[str], name: str) -> int:
-        """One kdpipe command, its output in <workdir>/logs/<name>.log."""
+    def kdpipe(self, args: list[str], name: str, threads: int = 1) -> int:
+        """One kdpipe command on `threads` torch threads, its output in <workdir>/logs/<name>.log."""
         cmd = [sys.executable, "-m", "kdpipe", *args]
         line = "kdpipe " + " ".join(shlex.quote(a) for a in args)
         print(f"[{time.strftime('%H:%M:%S')}] {name}: {line}", flush=True)
@@ -133,14 +145,16 @@ class Bench:
         logs.mkdir(exist_ok=True)
         t0 = time.time()
         with (logs / f"{name}.log").open("w") as out:
-            rc = subprocess.run(cmd, cwd=self.work, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                check=False).returncode
+            rc = subprocess.run(cmd, cwd=self.work, env={**self.env, "OMP_NUM_THREADS": str(threads)},
+                                stdout=out, stderr=subprocess.STDOUT, check=False).returncode
         print(f"[{time.strftime('%H:%M:%S')}] {name}: exit {rc} after {time.time() - t0:.0f} s", flush=True)
         return rc
 
     def parallel(self, jobs: list[tuple[list[str], str]]) -> None:
+        """The jobs, `--jobs` at once; a lone job gets that many threads."""
+        threads = 1 if len(jobs) > 1 else self.args.jobs
         with ThreadPoolExecutor(self.args.jobs) as pool:
-            codes = list(pool.map(lambda job: self.kdpipe(*job), jobs))
+            codes = list(pool.map(lambda job: self.kdpipe(*job, threads=threads), jobs))
         failed = [name for (_, name), rc in zip(jobs, codes, strict=True) if rc != 0]
         if failed:
             sys.exit(f"failed: {', '.join(failed)} (logs under {self.work / 'logs'})")
@@ -154,24 +168,34 @@ class Bench:
     def teacher_file(self) -> Path:
         return self.teacher_dir / "teacher" / "model.pt"
 
-    def student(self, size: str, epochs: int | None = None) -> list[str]:
+    def student(self, size: str, epochs: int) -> list[str]:
         return [*COMMON, f"teacher.checkpoint={self.teacher_file}", *TEACHERS[self.args.teacher],
-                *STUDENTS[size], f"student.max_epochs={epochs or self.args.epochs}", *self.args.override]
+                *STUDENTS[size], f"student.max_epochs={epochs}", *self.args.override]
 
-    def tuned(self, scheme: str) -> list[str]:
-        """The scheme at its searched values, at the values `--setting` gives it, or at its shipped
-        default where it was not searched."""
+    def schedules(self, size: str, scheme: str) -> dict[int, list[str]]:
+        """{epochs: setting} of one final cell: the study's (STUDY), `--epochs` instead of its
+        schedules, `--setting` or `--searched` instead of its setting."""
+        study = STUDY[size].get(scheme, {20: []})
+        return {epochs: self.tuned(scheme, study.get(epochs, next(iter(study.values()))))
+                for epochs in ([self.args.epochs] if self.args.epochs else study)}
+
+    def tuned(self, scheme: str, study: list[str]) -> list[str]:
+        """The scheme at the values `--setting` gives it, at its search's winner (`--searched`), or
+        at the study's setting `study` ([]: its shipped default)."""
         if scheme in self.args.setting:
             return [f"distill={scheme}", *self.args.setting[scheme]]
+        if not self.args.searched:
+            return [f"distill={scheme}", *study]
         path = self.search_dir(scheme) / "optimization_results.yaml"
-        if scheme in self.args.unsearched or not path.is_file():
-            if scheme not in self.args.unsearched:
-                sys.exit(f"no search result for {scheme} at {path}: run --phases search first, "
-                         f"or pass --unsearched {scheme} to run it at its shipped default")
-            return [f"distill={scheme}"]
+        if not path.is_file():
+            sys.exit(f"--searched: no search result for {scheme} at {path}: run --phases search first")
         best = yaml.safe_load(path.read_text())["best_params"]
         return [f"distill={scheme}", *(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                        for k, v in best.items())]
+
+    def schemes(self, size: str) -> list[str]:
+        """The schemes of one student size: `--schemes`, else the study's."""
+        return self.args.schemes or list(STUDY[size])
 
     def search_dir(self, scheme: str) -> Path:
         """Where a scheme's search sweeps: `search/<scheme>` for the 1/50 student at 10 epochs, else
@@ -184,11 +208,10 @@ class Bench:
         return ("search" if (a.search_size, a.search_epochs) == ("1/50", 10)
                 else f"search-{tag(a.search_size)}-{a.search_epochs}ep")
 
-    def final_name(self, size: str, scheme: str, epochs: int | None = None,
-                   teacher: str | None = None) -> str:
+    def final_name(self, size: str, scheme: str, epochs: int, teacher: str | None = None) -> str:
         """The experiment of one final cell; a schedule other than 10 epochs and a teacher other than
         the cnn (for a scheme that has one) are part of its name."""
-        epochs, teacher = epochs or self.args.epochs, teacher or self.args.teacher
+        teacher = teacher or self.args.teacher
         return (f"bench-final-{tag(size)}-{scheme}" + ("" if epochs == 10 else f"-{epochs}ep")
                 + ("" if teacher == "cnn" or scheme == "none" else f"-{teacher}"))
 
@@ -204,7 +227,7 @@ class Bench:
 
     def search(self) -> None:
         jobs = []
-        for scheme in self.args.schemes:
+        for scheme in self.args.schemes or REPORT_ORDER[:6]:
             if (self.search_dir(scheme) / "optimization_results.yaml").is_file():
                 continue
             trials = self.args.trials.get(scheme, self.args.default_trials)
@@ -218,12 +241,13 @@ class Bench:
     def final(self) -> None:
         jobs = []
         for size in self.args.sizes:
-            for scheme in self.args.schemes:
-                exp = self.final_name(size, scheme)
-                if self.finished(exp) >= self.n_seeds:
-                    continue
-                jobs.append((["-m", *self.student(size), *self.tuned(scheme), f"seed={self.args.seeds}",
-                              *self.where("final", exp)], exp))
+            for scheme in self.schemes(size):
+                for epochs, setting in self.schedules(size, scheme).items():
+                    exp = self.final_name(size, scheme, epochs)
+                    done = {r.data.params.get("seed") for r in self.runs(exp)}
+                    jobs += [(["-m", *self.student(size, epochs), *setting, f"seed={seed}",
+                               *self.where("final", exp, seed)], f"{exp}-seed{seed}")
+                             for seed in self.args.seeds.split(",") if seed not in done]
         self.parallel(jobs)
 
     def scarce_name(self, frac: float, rest: str, size: str | None = None) -> str:
@@ -232,10 +256,15 @@ class Bench:
         return f"bench-scarce-{frac:g}-{rest}" + ("" if size == "1/50" else f"-{tag(size)}")
 
     def kd_choices(self) -> list[tuple[str, list[str]]]:
-        """KD's candidate settings with few labels: the full-data one (searched or `--setting`) and the
-        classic T=4, alpha=0.9 (only that where KD is named by --unsearched)."""
-        tuned = self.tuned("kd")
-        return [("classic", CLASSIC_KD)] + ([("tuned", tuned)] if tuned != ["distill=kd"] else [])
+        """KD's candidate settings with few labels: the classic T=4, alpha=0.9 and the full-data one
+        (the student's in the study, or `--setting`, `--searched`)."""
+        study = STUDY[self.args.scarce_size].get("kd", {20: []})
+        return [("classic", CLASSIC_KD), ("tuned", self.tuned("kd", next(iter(study.values()))))]
+
+    def scratch(self, size: str) -> list[str]:
+        """Scratch's setting with few labels: the study's at its shortest schedule."""
+        study = STUDY[size]["none"]
+        return self.tuned("none", study[min(study)])
 
     def scarce(self) -> None:
         """Each side at its best setting on val/acc (seed 0), then 3 seeds: scratch over a grid of
@@ -246,12 +275,12 @@ class Bench:
             for name, setting in self.kd_choices():
                 exp = self.scarce_name(frac, f"kd-choice-{name}")
                 if not self.finished(exp):
-                    jobs.append((["-m", *self.student(size), *setting, labels, "seed=0",
+                    jobs.append((["-m", *self.student(size, SCARCE_KD_EPOCHS), *setting, labels, "seed=0",
                                   *self.where("scarce", exp)], exp))
             grid, epochs = self.scarce_name(frac, "none-epochs"), self.args.scarce_epochs[str(frac)]
             if self.finished(grid) < len(epochs):
-                jobs.append((["-m", *self.student(size), *self.tuned("none"), labels, "seed=0",
-                              "student.max_epochs=" + ",".join(map(str, epochs)),
+                jobs.append((["-m", *self.student(size, SCARCE_KD_EPOCHS), *self.scratch(size), labels,
+                              "seed=0", "student.max_epochs=" + ",".join(map(str, epochs)),
                               "+trainer.check_val_every_n_epoch=10", *self.where("scarce", grid)], grid))
         self.parallel(jobs)
         jobs = []
@@ -262,9 +291,10 @@ class Bench:
                    for name, _ in choices]
             kd = choices[val.index(max(val))][1]
             epochs = int(self.best(self.scarce_name(frac, "none-epochs")).data.params["student.max_epochs"])
-            scratch = [*self.student(size, epochs), *self.tuned("none"),
+            scratch = [*self.student(size, epochs), *self.scratch(size),
                        "+trainer.check_val_every_n_epoch=10"]
-            for exp, setting in ((self.scarce_name(frac, "kd"), [*self.student(size), *kd]),
+            distilled = [*self.student(size, SCARCE_KD_EPOCHS), *kd]
+            for exp, setting in ((self.scarce_name(frac, "kd"), distilled),
                                  (self.scarce_name(frac, "none"), scratch)):
                 if self.finished(exp) < self.n_seeds:
                     jobs.append((["-m", *setting, labels, f"seed={self.args.seeds}",
@@ -280,15 +310,17 @@ class Bench:
             done = {r.data.params["distill.temperature"] for r in self.runs(exp)
                     if r.data.params.get("seed") == seed}
             if len(done) < len(TEMPERATURES):
-                jobs.append((["-m", "experiment=temperature_sweep", *self.student(self.args.temperature_size),
+                student = self.student(self.args.temperature_size, TEMPERATURE_EPOCHS)
+                jobs.append((["-m", "experiment=temperature_sweep", *student,
                               f"seed={seed}", f"tracking.experiment={exp}",
                               f"hydra.sweep.dir={self.work / 'temperature' / f'seed{seed}'}"],
                              f"{exp}-seed{seed}"))
         self.parallel(jobs)
 
-    def where(self, phase: str, experiment: str) -> list[str]:
+    def where(self, phase: str, experiment: str, sub: str = "") -> list[str]:
         """The MLflow experiment and the sweep folder of one command."""
-        return [f"tracking.experiment={experiment}", f"hydra.sweep.dir={self.work / phase / experiment}"]
+        folder = self.work / phase / experiment / sub
+        return [f"tracking.experiment={experiment}", f"hydra.sweep.dir={folder}"]
 
     # -- reading the store -------------------------------------------------------------------------
     def runs(self, experiment: str) -> list:
@@ -349,7 +381,7 @@ class Bench:
         against scratch at the schedule of its highest validation accuracy (a user's choice).
         Fills `stats` and `curves`, keyed (size, row label, epochs)."""
         cells = {}  # (row label, epochs) -> (scheme, runs)
-        schedules = itertools.product(TEACHERS, self.args.schemes, self.args.report_epochs)
+        schedules = itertools.product(TEACHERS, REPORT_ORDER, self.args.report_epochs)
         for teacher, scheme, epochs in schedules:
             runs = self.per_seed(self.final_name(size, scheme, epochs, teacher))
             label = scheme if teacher == "cnn" or scheme == "none" else f"{scheme}, {teacher} teacher"
@@ -409,14 +441,15 @@ class Bench:
                 delta = f"{statistics.mean(kd) - statistics.mean(sc):+.2f}" if kd and sc else ""
                 lines.append(f"| {size} | {100 * frac:g} % | {mean_std(sc) if sc else ''} (n={len(sc)}) | "
                              f"{ep} | {mean_std(kd) if kd else ''} (n={len(kd)}) | {setting} | {delta} |")
-        lines += ["", f"## The searches ({self.args.search_size} student, {self.args.search_epochs} epochs, "
-                      "seed 0, validation split)", "",
-                  "| scheme | trial | val acc % |", "|---|---|---|"]
-        for scheme in self.args.schemes:
-            keys = search_keys(scheme)
+        trials = []
+        for scheme in REPORT_ORDER:
             for r in reversed(self.runs(f"bench-{self.search_name}-{scheme}")):
-                trial = " ".join(f"{k}={float(r.data.params[k]):.3g}" for k in keys)
-                lines.append(f"| {scheme} | `{trial}` | {100 * r.data.metrics['val/acc']:.2f} |")
+                values = " ".join(f"{k}={float(r.data.params[k]):.3g}" for k in search_keys(scheme))
+                trials.append(f"| {scheme} | `{values}` | {100 * r.data.metrics['val/acc']:.2f} |")
+        if trials:
+            lines += ["", f"## The searches ({self.args.search_size} student, {self.args.search_epochs} "
+                          "epochs, seed 0, validation split)", "",
+                      "| scheme | trial | val acc % |", "|---|---|---|", *trials]
         temps = {}
         for r in self.runs("bench-temperature"):
             key = (float(r.data.params["distill.temperature"]), r.data.params.get("seed"))
@@ -499,13 +532,14 @@ class Bench:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=REPO / "outputs" / "bench_distill")
-    ap.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
-    ap.add_argument("--schemes", nargs="+", choices=SEARCHABLE, default=list(SCHEMES))
+    ap.add_argument("--phases", nargs="+", choices=PHASES, default=list(DEFAULT_PHASES))
+    ap.add_argument("--schemes", nargs="+", choices=SEARCHABLE,
+                    help="the schemes of the search and final phases (default: the study's, STUDY)")
     ap.add_argument("--sizes", nargs="+", choices=list(STUDENTS), default=list(STUDENTS))
-    ap.add_argument("--epochs", type=int, default=10, help="student epochs (full data)")
+    ap.add_argument("--epochs", type=int, help="one schedule for every final run instead of the study's")
     ap.add_argument("--teacher", choices=list(TEACHERS), default="cnn",
                     help="the teacher the students distil from (its own folder and experiments)")
-    ap.add_argument("--report-epochs", type=int, nargs="+", default=[10, 20],
+    ap.add_argument("--report-epochs", type=int, nargs="+", default=[10, 20, 30],
                     help="the schedules whose final runs the report tabulates")
     ap.add_argument("--jobs", type=int, default=2, help="kdpipe commands at once, one torch thread each")
     ap.add_argument("--default-trials", type=int, default=4, help="Optuna trials per scheme")
@@ -514,18 +548,18 @@ def main() -> None:
     ap.add_argument("--search-size", choices=list(STUDENTS), default="1/50",
                     help="the student the search phase tunes on (its settings serve every size)")
     ap.add_argument("--search-epochs", type=int, default=10, help="epochs of each search trial")
-    ap.add_argument("--unsearched", nargs="*", default=[], choices=SEARCHABLE,
-                    help="schemes the final phase runs at their shipped default instead of a search result")
+    ap.add_argument("--searched", action="store_true",
+                    help="run the final and scarce phases at the search phase's winners")
     ap.add_argument("--temperature-size", choices=list(STUDENTS), default="1/10",
                     help="the student of the temperature phase")
     ap.add_argument("--seeds", default="0,1,2", help="seeds of the final, scarce and temperature runs")
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1],
                     help="label fractions of the scarce phase")
-    ap.add_argument("--scarce-size", choices=list(STUDENTS), default="1/50",
+    ap.add_argument("--scarce-size", choices=list(STUDENTS), default="1/10",
                     help="the student of the scarce phase")
     ap.add_argument("--setting", nargs=2, action="append", default=[], metavar=("SCHEME", "OVERRIDES"),
-                    help="a setting chosen on the validation split elsewhere, used instead of a search "
-                         "result, e.g. --setting ls_kd 'distill.temperature=2.29 distill.alpha=0.744'")
+                    help="a setting chosen on the validation split elsewhere, used instead of the study's, "
+                         "e.g. --setting ls_kd 'distill.temperature=2.29 distill.alpha=0.744'")
     ap.add_argument("--scarce-epochs", type=json.loads, default=SCARCE_EPOCHS,
                     help="epochs tried for scratch with few labels, JSON by fraction")
     ap.add_argument("--override", nargs="*", default=[],
