@@ -66,6 +66,7 @@ class DistillationModule(ClassifierModule):
         self.loss.setup(student, teacher, example_input)
         self.student_hooks = FeatureHooks(student, tuple(loss.student_layers), "student")
         self.teacher_hooks = FeatureHooks(teacher, tuple(loss.teacher_layers), "teacher")
+        self._cached = None  # (logits, features) of the batch `unpack` read last, when it carried them
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -88,7 +89,7 @@ class DistillationModule(ClassifierModule):
         return batch
 
     def training_loss(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        cached, self._cached = getattr(self, "_cached", None), None
+        cached, self._cached = self._cached, None
         if cached is not None:
             teacher_logits, teacher_features = cached  # the teacher does not run at all
         else:
