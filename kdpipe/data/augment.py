@@ -62,7 +62,7 @@ def onehot(y: torch.Tensor, num_classes: int) -> torch.Tensor:
     return F.one_hot(y.clamp_min(0), num_classes).float() * known[:, None]
 
 
-def _entries(spec: Sequence[Any]) -> list[tuple[str, dict]]:
+def _entries(spec: Sequence[Any], key: str = "data.augment") -> list[tuple[str, dict]]:
     """`[crop, {rotate: {degrees: 15}}]` -> `[("crop", {}), ("rotate", {"degrees": 15})]`."""
     out = []
     for item in spec:
@@ -72,17 +72,17 @@ def _entries(spec: Sequence[Any]) -> list[tuple[str, dict]]:
             name, kwargs = next(iter(item.items()))
             kwargs = dict(kwargs or {})
         else:
-            raise ConfigError(f"data.augment entry {item!r} must be a name or {{name: {{options}}}}; "
+            raise ConfigError(f"{key} entry {item!r} must be a name or {{name: {{options}}}}; "
                               f"names: {', '.join(KNOWN)}")
         if name not in KNOWN:
-            raise ConfigError(f"data.augment: unknown augmentation {name!r}; choose from {', '.join(KNOWN)}")
+            raise ConfigError(f"{key}: unknown augmentation {name!r}; choose from {', '.join(KNOWN)}")
         out.append((name, kwargs))
     return out
 
 
 def build_augmentation(spec: Sequence[Any] | None, in_shape: Sequence[int],
-                       num_classes: int | None = None) -> BatchAugment | None:
-    """The kornia pipeline for `data.augment`, or None when it is empty.
+                       num_classes: int | None = None, name: str = "data.augment") -> BatchAugment | None:
+    """The kornia pipeline for `data.augment` (or the config key `name`), or None when it is empty.
 
     - `crop`: random crop back to the input size after zero padding (`padding`, default 1/8 of
       the side, i.e. the 4 pixels of 32x32 CIFAR training);
@@ -102,14 +102,14 @@ def build_augmentation(spec: Sequence[Any] | None, in_shape: Sequence[int],
     _, height, width = (int(v) for v in in_shape)
     ops: list[nn.Module] = []
     mix = None
-    entries = _entries(spec)
+    key, entries = name, _entries(spec, name)
     for i, (name, kw) in enumerate(entries):
         try:
             if name in MIXES:
                 if i != len(entries) - 1:
-                    raise ConfigError(f"data.augment: {name} must come last (it mixes the finished views)")
+                    raise ConfigError(f"{key}: {name} must come last (it mixes the finished views)")
                 if num_classes is None:
-                    raise ConfigError(f"data.augment: {name} needs the number of classes")
+                    raise ConfigError(f"{key}: {name} needs the number of classes")
                 lam = tuple(float(v) for v in kw.pop("lambda_val", (0.0, 1.0)))
                 mix = (K.RandomMixUpV2(lambda_val=lam, data_keys=["input", "class"], **kw) if name == "mixup"
                        else K.RandomCutMixV2(data_keys=["input", "class"], use_correct_lambda=True, **kw))
@@ -125,7 +125,7 @@ def build_augmentation(spec: Sequence[Any] | None, in_shape: Sequence[int],
                 ops.append(K.RandomBrightness((1 - s, 1 + s), clip_output=False, **kw))
                 ops.append(K.RandomContrast((1 - s, 1 + s), clip_output=False, **kw))
         except TypeError as exc:
-            raise ConfigError(f"data.augment {name}: {exc}") from exc
+            raise ConfigError(f"{key} {name}: {exc}") from exc
     # kornia 0.9's label rows are (own label, other label, lam): mixup's lam is the other image's
     # share, cutmix's (use_correct_lambda=True) the own image's; tests/test_augment.py pins both.
     return BatchAugment(K.AugmentationSequential(*ops) if ops else None, mix, num_classes,

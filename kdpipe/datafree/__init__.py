@@ -7,6 +7,8 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import mlflow
 import torch
@@ -14,10 +16,12 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from kdpipe import limits
+from kdpipe.data.augment import build_augmentation
 from kdpipe.datafree.deepinversion import BatchNormStatistics, synthesize
 from kdpipe.distill.cache import compute_logits, stored_with_run
 from kdpipe.errors import ConfigError
 from kdpipe.losses.base import find_module
+from kdpipe.modules.distill import DistillationModule
 
 log = logging.getLogger("kdpipe")
 
@@ -38,22 +42,27 @@ class DeepInversion:
 
     needs_teacher = True
 
-    def __init__(self, num_images: int = 4096, batch_size: int = 256, steps: int = 500, lr: float = 0.1,
-                 bn: float = 10.0, ce: float = 1.0, tv: float = 1e-3, l2: float = 0.0, jitter: int = 2,
-                 flip: bool = False, relative: bool = True) -> None:
+    def __init__(self, num_images: int = 2048, batch_size: int = 256, steps: int = 200, lr: float = 0.1,
+                 bn: float = 1.0, first_bn: float = 10.0, ce: float = 1.0, tv: float = 1e-3, l2: float = 0.0,
+                 jitter: int = 2, flip: bool = False, relative: bool = True,
+                 augment: Sequence[Any] | None = ("crop", "flip", "cutmix")) -> None:
         name = "distill.scheme"
+        self.augment = list(augment or [])
         self.num_images = limits.positive_int(num_images, f"{name}.num_images", "e.g. 4096")
         self.batch_size = limits.positive_int(batch_size, f"{name}.batch_size", "e.g. 256")
         self.steps = limits.positive_int(steps, f"{name}.steps", "e.g. 500")
         self.options = {"steps": self.steps,
                         "lr": limits.positive(lr, f"{name}.lr", "Adam's step on the inputs"),
-                        "bn": limits.weight(bn, f"{name}.bn"), "ce": limits.weight(ce, f"{name}.ce"),
+                        "bn": limits.weight(bn, f"{name}.bn"),
+                        "first_bn": limits.weight(first_bn, f"{name}.first_bn"),
+                        "ce": limits.weight(ce, f"{name}.ce"),
                         "tv": limits.weight(tv, f"{name}.tv"), "l2": limits.weight(l2, f"{name}.l2"),
                         "jitter": limits.whole_number(jitter, f"{name}.jitter", "pixels, e.g. 2"),
                         "flip": bool(flip), "relative": bool(relative)}
 
     def check(self, job, student: nn.Module, teacher: nn.Module) -> None:
         BatchNormStatistics(teacher).remove()  # a teacher without batch norm: the clear error, now
+        self.augmentation(job)  # an unknown augmentation: its error, now
         loss = job.loss()
         for path in loss.student_layers:
             find_module(student, path, "student")
@@ -100,6 +109,13 @@ class DeepInversion:
         return synthesize(job.teacher, self.num_images, tuple(job.example_input.shape[1:]), job.num_classes,
                           self.batch_size, torch.initial_seed(), on_batch, on_step, **self.options)
 
+    def augmentation(self, job) -> nn.Module | None:
+        """`data.augment` when it is set, else this scheme's `augment`: applied to the synthesised set."""
+        if job.augment is not None:
+            return job.augment
+        return build_augmentation(self.augment, tuple(job.example_input.shape[1:]), job.num_classes,
+                                  name="distill.scheme.augment")
+
     def train(self, job) -> nn.Module:
         from kdpipe.datafree.grid import class_grid
 
@@ -107,13 +123,15 @@ class DeepInversion:
         grid = class_grid(images, targets, job.num_classes, job.workdir / ARTIFACT_DIR / "grid.png")
         mlflow.log_artifact(str(grid), artifact_path=ARTIFACT_DIR)
         loss = job.loss()
+        augment = self.augmentation(job)
         columns = (images, targets)
-        if not loss.teacher_layers:  # logits alone: the teacher runs once over the set, not every epoch
+        if augment is None and not loss.teacher_layers:  # the teacher's logits on the set, computed once
             columns = (*columns, compute_logits(job.teacher, TensorDataset(images)))
         loader = job.datamodule._loader(TensorDataset(*columns), shuffle=True)
         student = job.build_student()
-        job.fitter.fit(job.distiller(student, job.teacher, loss), "student", job.max_epochs,
-                       train_loader=loader)
+        module = DistillationModule(student, job.teacher, loss, job.num_classes, job.example_input, job.optim,
+                                    augment)  # augmented: the teacher scores each new view, live
+        job.fitter.fit(module, "student", job.max_epochs, train_loader=loader)
         return student
 
 

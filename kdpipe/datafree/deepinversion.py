@@ -59,9 +59,10 @@ class BatchNormStatistics:
             self.terms.append(torch.linalg.vector_norm(mean - module.running_mean)
                               + torch.linalg.vector_norm(var - module.running_var))
 
-    def loss(self) -> torch.Tensor:
-        total, self.terms = sum(self.terms), []
-        return total
+    def loss(self, first: float = 1.0) -> torch.Tensor:
+        """The sum over layers since the last call, the first layer's term weighted by `first`."""
+        terms, self.terms = self.terms, []
+        return first * terms[0] + sum(terms[1:])
 
     def remove(self) -> None:
         for h in self.handles:
@@ -75,7 +76,7 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
 
 def synthesize_batch(teacher: nn.Module, targets: torch.Tensor, in_shape: tuple[int, ...], steps: int,
                      lr: float = 0.1, bn: float = 10.0, ce: float = 1.0, tv: float = 1e-3, l2: float = 0.0,
-                     jitter: int = 2, flip: bool = False, relative: bool = True,
+                     jitter: int = 2, flip: bool = False, relative: bool = True, first_bn: float = 1.0,
                      generator: torch.Generator | None = None,
                      on_step: Callable[[int, dict[str, float]], None] | None = None) -> torch.Tensor:
     """One batch of inputs, one per entry of `targets`, optimised by Adam for `steps` steps from
@@ -99,7 +100,7 @@ def synthesize_batch(teacher: nn.Module, targets: torch.Tensor, in_shape: tuple[
             if flip and torch.rand((), generator=generator) < 0.5:
                 view = torch.flip(view, dims=(-1,))
             logits = teacher(view)
-            terms = {"bn": stats.loss(), "ce": F.cross_entropy(logits, targets),
+            terms = {"bn": stats.loss(first_bn), "ce": F.cross_entropy(logits, targets),
                      "tv": total_variation(view), "l2": view.pow(2).mean()}
             loss = bn * terms["bn"] + ce * terms["ce"] + tv * terms["tv"] + l2 * terms["l2"]
             opt.zero_grad(set_to_none=True)
