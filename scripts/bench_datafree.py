@@ -1,7 +1,8 @@
 """The data-free benchmark of docs/data_free.md, on Fashion-MNIST: a student distilled from a
 trained teacher with no training image (`distill=data_free` or `distill=deepinversion`), against
 chance and against the same student trained on the real training set; and static int8 calibrated
-on synthesised inputs against calibration on real images and against dynamic int8 (no calibration).
+on synthesised inputs against calibration on real images and against dynamic int8 (no calibration),
+on both students.
 The test split only measures. Seeds 0-2, mean ± std of the last epoch.
 
     python scripts/bench_distill.py --workdir W --phases teacher        # the teacher, once
@@ -9,7 +10,7 @@ The test split only measures. Seeds 0-2, mean ± std of the last epoch.
     python scripts/bench_datafree.py --teacher ... --phases report
 
 Every run is a `kdpipe` command, printed before it starts, against `<workdir>/mlflow.db`; the
-int8 variants of a seed reuse its distilled student (same distill stage key).
+int8 variants of a seed reuse its student (same distill stage key).
 """
 
 from __future__ import annotations
@@ -44,8 +45,10 @@ def commands(args: argparse.Namespace, seed: int) -> list[tuple[str, list[str]]]
     for name, quant in QUANT.items():  # the first trains the student, the others reuse it
         out.append((f"{args.scheme}-{name}-s{seed}", [*common, *scheme, *quant,
                                                       f"run_name={args.scheme}-{name}-s{seed}"]))
-    out.append((f"real-s{seed}", [*common, "distill=none", f"student.max_epochs={args.real_epochs}",
-                                  "quantize=none", f"run_name=real-s{seed}"]))
+    real = [*common, "distill=none", f"student.max_epochs={args.real_epochs}"]
+    out.append((f"real-s{seed}", [*real, "quantize=none", f"run_name=real-s{seed}"]))
+    for name, quant in QUANT.items():  # the real-data student as received: int8 with and without data
+        out.append((f"real-{name}-s{seed}", [*real, *quant, f"run_name=real-{name}-s{seed}"]))
     return out
 
 
@@ -83,14 +86,17 @@ def report(args: argparse.Namespace) -> None:
     mlflow.set_tracking_uri(f"sqlite:///{args.workdir / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list",
                               filter_string="attributes.status = 'FINISHED'")
-    pipelines = {r.info.run_name: r for r in runs if r.data.tags.get("kdpipe.run_type") == "pipeline"}
+    pipelines = {}  # the newest run of each name (search_runs lists newest first): a rerun replaces
+    for r in runs:
+        if r.data.tags.get("kdpipe.run_type") == "pipeline":
+            pipelines.setdefault(r.info.run_name, r)
     children = [r for r in runs if r.data.tags.get("kdpipe.run_type") == "stage"]
 
     def stage(parent, name):
         return next((c for c in children if c.data.tags.get("mlflow.parentRunId") == parent.info.run_id
                      and c.data.tags.get("kdpipe.stage") == name), None)
 
-    teacher, fp32, real, int8 = [], [], [], {k: [] for k in QUANT}
+    teacher, fp32, real, int8, real_int8 = [], [], [], {k: [] for k in QUANT}, {k: [] for k in QUANT}
     for seed in args.seeds:
         first = pipelines.get(f"{args.scheme}-int8-real-s{seed}")
         if first is not None:
@@ -100,6 +106,9 @@ def report(args: argparse.Namespace) -> None:
             p = pipelines.get(f"{args.scheme}-{name}-s{seed}")
             if p is not None:
                 int8[name].append(stage(p, "quantize").data.metrics["test/acc"])
+            p = pipelines.get(f"real-{name}-s{seed}")
+            if p is not None:
+                real_int8[name].append(stage(p, "quantize").data.metrics["test/acc"])
         r = pipelines.get(f"real-s{seed}")
         if r is not None:
             real.append(stage(r, "distill").data.metrics["test/acc"])
@@ -110,16 +119,38 @@ def report(args: argparse.Namespace) -> None:
              "| chance | 10.00 |",
              f"| data-free (`distill={args.scheme}`), fp32 | {ms(fp32) if fp32 else ''} |",
              f"| real training set (scratch), fp32 | {ms(real) if real else ''} |"]
-    for name, label in (("int8-real", "static int8, calibrated on real training images"),
-                        ("int8-synthetic", "static int8, calibrated on synthesised inputs"),
-                        ("int8-dynamic", "dynamic int8 (no calibration)")):
-        if int8[name]:
-            drop = [a - b for a, b in zip(fp32, int8[name], strict=False)]
-            mean_drop = 100 * statistics.mean(drop)
-            lines.append(f"| data-free student, {label} | {ms(int8[name])}; drop {mean_drop:.2f} |")
+    for who, base, quantized in (("data-free", fp32, int8), ("real-data", real, real_int8)):
+        for name, label in (("int8-real", "static int8, calibrated on real training images"),
+                            ("int8-synthetic", "static int8, calibrated on synthesised inputs"),
+                            ("int8-dynamic", "dynamic int8 (no calibration)")):
+            if quantized[name]:
+                drops = [f"{100 * (a - b):.2f}" for a, b in zip(base, quantized[name], strict=False)]
+                lines.append(f"| {who} student, {label} | {ms(quantized[name])}; drop per seed "
+                             f"{', '.join(drops)} |")
     text = "\n".join(lines) + "\n"
     (args.workdir / "report.md").write_text(text)
     print(text)
+    plot_curves(args, [stage(p, "distill") for seed in args.seeds
+                       if (p := pipelines.get(f"{args.scheme}-int8-real-s{seed}")) is not None])
+
+
+def plot_curves(args: argparse.Namespace, runs: list) -> None:
+    """`curves.png`: the data-free students' validation accuracy per epoch, a line per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    client = mlflow.tracking.MlflowClient()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for seed, run in zip(args.seeds, runs, strict=False):
+        history = sorted(client.get_metric_history(run.info.run_id, "val/acc"), key=lambda m: m.step)
+        ax.plot(range(1, len(history) + 1), [100 * m.value for m in history], label=f"seed {seed}")
+    ax.set(title=f"data-free student (distill={args.scheme}): val accuracy per epoch", xlabel="epoch",
+           ylabel="val acc %")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.workdir / "curves.png", dpi=110)
 
 
 def main() -> None:

@@ -51,6 +51,32 @@ def test_synthesis_lowers_the_batch_norm_loss_and_reaches_its_targets():
     stats.remove()
 
 
+def test_the_first_batch_norm_layer_counts_first_bn_times():
+    teacher, protos = trained_teacher()
+    stats = BatchNormStatistics(teacher)
+    x = protos.repeat(4, 1, 1, 1) + 0.3
+    with torch.no_grad():
+        teacher(x)
+        first, second = (float(t) for t in stats.terms)
+        # by hand: the relative term of the first layer, on the raw input of its BatchNorm
+        bn = teacher.features[0][1]
+        h = teacher.features[0][0](x)
+        mean, var = h.mean((0, 2, 3)), h.var((0, 2, 3), unbiased=False)
+        scale = bn.running_var + bn.eps
+        by_hand = float(((mean - bn.running_mean) ** 2 / scale).mean().sqrt()
+                        + ((var / scale - 1) ** 2).mean().sqrt())
+        assert first == pytest.approx(by_hand, rel=1e-5)
+        assert float(stats.loss(first=10.0)) == pytest.approx(10 * first + second, rel=1e-5)
+        teacher(x)
+        assert float(stats.loss()) == pytest.approx(first + second, rel=1e-5)
+    stats.remove()
+
+
+def test_a_bad_augmentation_of_the_synthesised_set_is_refused_before_anything_runs():
+    with pytest.raises(ConfigError, match=r"distill.scheme.augment: unknown augmentation 'blur'"):
+        validate(make_cfg(["distill=deepinversion", "distill.scheme.augment=[crop,blur]"]))
+
+
 def test_a_teacher_without_batch_norm_gets_the_clear_error():
     with pytest.raises(ConfigError, match="no BatchNorm layer.*distill=data_free"):
         BatchNormStatistics(mlp([1, 8, 8], 4))
