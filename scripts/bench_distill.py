@@ -25,7 +25,7 @@ Phases (a phase skips the commands whose runs an earlier invocation finished):
   labeled images (its epochs chosen on val/acc from a grid, at most the distilled student's optimiser
   steps) against KD on every image (its setting chosen on val/acc between the full-data one and the
   classic T=4, alpha=0.9);
-- `temperature`: `experiment=temperature_sweep` (KD at alpha 0.9, T from 0.5 to 16, 10 epochs) on
+- `temperature`: `experiment=temperature_sweep` (KD at alpha 0.9, T from 0.25 to 16, 10 epochs) on
   the `--temperature-size` student (1/10), seeds 0-2;
 - `report`: `<workdir>/report.md` (with what each phase's runs cost), `curves.png` (val/acc per
   epoch), `temperature.png`;
@@ -101,7 +101,7 @@ SCARCE_EPOCHS = {"0.01": [100, 300, 800], "0.1": [10, 30, 100]}
 # KD's classic setting (Hinton et al. 2015; T=4 is the common CIFAR value): a candidate with few labels.
 CLASSIC_KD = ["distill=kd", "distill.temperature=4", "distill.alpha=0.9"]
 # The temperatures of conf/experiment/temperature_sweep.yaml.
-TEMPERATURES = (0.5, 1, 2, 4, 8, 16)
+TEMPERATURES = (0.25, 0.5, 1, 2, 4, 8, 16)
 
 
 def std(values: list[float]) -> float:
