@@ -37,8 +37,10 @@ class DeepInversion:
     by DeepInversion (`kdpipe.datafree.deepinversion`): `num_images` inputs with balanced target
     classes, each batch optimised `steps` steps. The set is stored with the teacher's run, keyed by
     the teacher and these settings, so every student of a sweep reuses it; a grid of it per class is
-    logged on the distill run (`synthetic/grid.png`). The validation and test splits stay real: they
-    measure the student, and train nothing."""
+    logged on the distill run (`synthetic/grid.png`). The student sees `augment`ed views of the set
+    (or `data.augment`'s), which the teacher scores live; without augmentation the teacher's logits
+    are computed once. The validation and test splits stay real: they measure the student, and train
+    nothing."""
 
     needs_teacher = True
 
