@@ -81,8 +81,8 @@ def _entries(spec: Sequence[Any], key: str = "data.augment") -> list[tuple[str, 
 
 
 def build_augmentation(spec: Sequence[Any] | None, in_shape: Sequence[int],
-                       num_classes: int | None = None, name: str = "data.augment") -> BatchAugment | None:
-    """The kornia pipeline for `data.augment` (or the config key `name`), or None when it is empty.
+                       num_classes: int | None = None, key: str = "data.augment") -> BatchAugment | None:
+    """The kornia pipeline for `data.augment` (or the config key `key`), or None when it is empty.
 
     - `crop`: random crop back to the input size after zero padding (`padding`, default 1/8 of
       the side, i.e. the 4 pixels of 32x32 CIFAR training);
@@ -102,7 +102,7 @@ def build_augmentation(spec: Sequence[Any] | None, in_shape: Sequence[int],
     _, height, width = (int(v) for v in in_shape)
     ops: list[nn.Module] = []
     mix = None
-    key, entries = name, _entries(spec, name)
+    entries = _entries(spec, key)
     for i, (name, kw) in enumerate(entries):
         try:
             if name in MIXES:

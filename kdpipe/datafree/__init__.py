@@ -50,9 +50,9 @@ class DeepInversion:
                  augment: Sequence[Any] | None = ("crop", "flip", "cutmix")) -> None:
         name = "distill.scheme"
         self.augment = list(augment or [])
-        self.num_images = limits.positive_int(num_images, f"{name}.num_images", "e.g. 4096")
+        self.num_images = limits.positive_int(num_images, f"{name}.num_images", "e.g. 2048")
         self.batch_size = limits.positive_int(batch_size, f"{name}.batch_size", "e.g. 256")
-        self.steps = limits.positive_int(steps, f"{name}.steps", "e.g. 500")
+        self.steps = limits.positive_int(steps, f"{name}.steps", "e.g. 200")
         self.options = {"steps": self.steps,
                         "lr": limits.positive(lr, f"{name}.lr", "Adam's step on the inputs"),
                         "bn": limits.weight(bn, f"{name}.bn"),
@@ -116,7 +116,7 @@ class DeepInversion:
         if job.augment is not None:
             return job.augment
         return build_augmentation(self.augment, tuple(job.example_input.shape[1:]), job.num_classes,
-                                  name="distill.scheme.augment")
+                                  key="distill.scheme.augment")
 
     def train(self, job) -> nn.Module:
         from kdpipe.datafree.grid import class_grid

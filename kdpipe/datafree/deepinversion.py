@@ -33,7 +33,10 @@ class BatchNormStatistics:
     ||var - running_var||_2, where a layer of 256 channels with variances near 50 (a trained CNN's
     last blocks) outweighs the rest by two orders of magnitude: on kdpipe's Fashion-MNIST CNN, 200
     steps at weight 10 brought it from 3,170 to 346 while the teacher still put the inputs in other
-    classes than their targets (cross-entropy 7.1, against 0.05 with the relative term)."""
+    classes than their targets (cross-entropy 7.1, against 0.05 with the relative term).
+
+    `loss(first)` weights the first layer's term: it sees the input's low-level statistics, and
+    NVIDIA's reference code for the paper counts it 10 times (kdpipe's `first_bn`)."""
 
     def __init__(self, model: nn.Module, role: str = "teacher",
                  fix: str = "use distill=data_free, whose generator is trained against the student and "
