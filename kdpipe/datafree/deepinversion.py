@@ -36,7 +36,7 @@ class BatchNormStatistics:
     classes than their targets (cross-entropy 7.1, against 0.05 with the relative term).
 
     `loss(first)` weights the first layer's term: it sees the input's low-level statistics, and
-    NVIDIA's reference code for the paper counts it 10 times (kdpipe's `first_bn`)."""
+    NVIDIA's reference ImageNet script for the paper counts it 10 times (kdpipe's `first_bn`)."""
 
     def __init__(self, model: nn.Module, role: str = "teacher",
                  fix: str = "use distill=data_free, whose generator is trained against the student and "
