@@ -104,6 +104,33 @@ def test_the_transfer_set_is_synthesised_once_and_reused_by_the_next_job(store, 
     assert [a.path for a in client.list_artifacts(second.info.run_id, "synthetic")] == ["synthetic/grid.png"]
 
 
+def test_with_data_augment_the_teacher_scores_each_augmented_view_live(store, tmp_path):
+    """data.augment replaces the scheme's augment; the teacher's logits are then never taken from a cache
+    (DistillationModule refuses an augmented batch that carries them)."""
+    res = run_cli([*FAST, "distill=deepinversion", "distill.scheme.num_images=64",
+                   "distill.scheme.batch_size=32", "distill.scheme.steps=5", "distill.scheme.augment=[]",
+                   "data.augment=[flip]", "prune=none", "quantize=none"], tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_an_augmented_batch_with_cached_teacher_outputs_is_refused():
+    from types import SimpleNamespace
+
+    from kdpipe.data.augment import build_augmentation
+    from kdpipe.losses import WeightedSum
+    from kdpipe.modules.distill import DistillationModule
+
+    teacher, _ = trained_teacher()
+    loss = WeightedSum.from_config({"kd": {"_target_": "kdpipe.losses.SoftTargetKL", "weight": 1.0}})
+    module = DistillationModule(cnn([1, 8, 8], 4, width=4, depth=1), teacher, loss, 4,
+                                torch.zeros(2, 1, 8, 8), augment=build_augmentation(["flip"], (1, 8, 8), 4))
+    module._trainer = SimpleNamespace(training=True)
+    x, y = torch.randn(4, 1, 8, 8), torch.arange(4)
+    assert len(module.on_after_batch_transfer((x, y), 0)) == 2
+    with pytest.raises(RuntimeError, match="cached teacher outputs and is augmented"):
+        module.on_after_batch_transfer((x, y, teacher(x)), 0)
+
+
 @pytest.mark.parametrize("shape", [(1, 8, 8), (1, 28, 28), (3, 7, 9)])
 def test_the_generator_makes_standardised_inputs_of_the_data_shape(shape):
     from kdpipe.datafree.adversarial import Generator

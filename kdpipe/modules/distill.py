@@ -73,6 +73,13 @@ class DistillationModule(ClassifierModule):
         self.teacher.eval()
         return self
 
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if self.augment is not None and self.trainer.training and len(batch) > 2:
+            raise RuntimeError("a training batch carries cached teacher outputs and is augmented: they are "
+                               "the un-augmented images' outputs; a scheme must not cache them when it "
+                               "augments (kdpipe.distill.cache.cache_blockers)")
+        return super().on_after_batch_transfer(batch, dataloader_idx)
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         return super().training_step(self.unpack(batch), batch_idx)
 
