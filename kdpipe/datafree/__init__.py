@@ -8,6 +8,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import mlflow
@@ -21,7 +22,6 @@ from kdpipe.datafree.deepinversion import BatchNormStatistics, synthesize
 from kdpipe.distill.cache import compute_logits, stored_with_run
 from kdpipe.errors import ConfigError
 from kdpipe.losses.base import find_module
-from kdpipe.modules.distill import DistillationModule
 
 log = logging.getLogger("kdpipe")
 
@@ -131,8 +131,8 @@ class DeepInversion:
             columns = (*columns, compute_logits(job.teacher, TensorDataset(images)))
         loader = job.datamodule._loader(TensorDataset(*columns), shuffle=True)
         student = job.build_student()
-        module = DistillationModule(student, job.teacher, loss, job.num_classes, job.example_input, job.optim,
-                                    augment)  # augmented: the teacher scores each new view, live
+        # augmented: the teacher scores each new view, live
+        module = replace(job, augment=augment).distiller(student, job.teacher, loss)
         job.fitter.fit(module, "student", job.max_epochs, train_loader=loader)
         return student
 
