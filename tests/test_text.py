@@ -4,6 +4,7 @@ pipelines on small text files (a classifier and a causal language model)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -343,7 +344,7 @@ def language_model_pipeline(tmp_path, documents: int, *overrides: str) -> dict:
 
 def test_a_causal_language_model_is_distilled_token_by_token_and_logs_perplexity(store, tmp_path):
     runs = language_model_pipeline(tmp_path, 120, "distill=lm_jsd", "distill.scheme.cache_topk=8",
-                                   "quantize=dynamic")
+                                   "quantize=dynamic", "prune=structured", "prune.sparsity=0.5")
     distill = runs["distill"]
     assert distill.data.tags["kdpipe.teacher_cache"] == "computed"
     assert "train/loss_div" in distill.data.metrics and "val/ppl" in distill.data.metrics
@@ -353,6 +354,38 @@ def test_a_causal_language_model_is_distilled_token_by_token_and_logs_perplexity
     ppl = distill.data.metrics["test/ppl"]
     assert 1.0 < ppl < 300  # below a uniform guess over the vocabulary
     assert math.isfinite(runs["quantize"].data.metrics["test/ppl"])
+    # structured pruning removed half of every GPT-2 block's MLP width, for real
+    assert runs["prune"].data.metrics["model/params"] < distill.data.metrics["model/params"]
+
+
+def test_structured_pruning_removes_gpt2_mlp_units_for_real_and_the_model_reloads():
+    """GPT-2's Conv1D layers (weight stored (in, out)) lose MLP units through Torch-Pruning: the
+    pruned decoder computes exactly what the unpruned one does with those units' output weights
+    zeroed, its attention is untouched, Taylor importance reads next-token gradients, and a fresh
+    model takes the pruned weights."""
+    from kdpipe.compress.importance import Taylor
+    from kdpipe.compress.structured import StructuredPruner, accumulate_gradients, resize_to_state_dict
+
+    torch.manual_seed(0)
+    model = causal_lm([12], 300, vocab_size=300, layers=2, width=32, heads=4, dropout=0.0).eval()
+    unpruned = copy.deepcopy(model)
+    x = torch.randint(3, 300, (4, 12))
+    accumulate_gradients(model, [(x, torch.roll(x, -1, 1))], 1)
+    pruner = StructuredPruner(model, x, importance=Taylor())
+    pruner.step(0.5)
+    assert pruner.sparsity() == pytest.approx(0.5)
+    for block, before in zip(model.transformer.h, unpruned.transformer.h, strict=True):
+        assert block.mlp.c_fc.weight.shape == (32, 64) and block.mlp.c_proj.weight.shape == (64, 32)
+        assert torch.equal(block.attn.c_attn.weight, before.attn.c_attn.weight)
+        rows = before.mlp.c_proj.weight
+        kept = [next(i for i in range(len(rows)) if torch.equal(rows[i], r)) for r in block.mlp.c_proj.weight]
+        with torch.no_grad():
+            rows[sorted(set(range(len(rows))) - set(kept))] = 0
+    out = model(x)
+    torch.testing.assert_close(out, unpruned(x), rtol=0, atol=1e-5)
+    fresh = causal_lm([12], 300, vocab_size=300, layers=2, width=32, heads=4, dropout=0.0).eval()
+    resize_to_state_dict(fresh, model.state_dict()).load_state_dict(model.state_dict())
+    assert torch.equal(fresh(x), out)
 
 
 def fake_fortunes(root) -> None:
@@ -466,8 +499,6 @@ def test_text_configs_that_cannot_run_are_refused_in_one_line():
         with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
             return compose("config", overrides=list(overrides))
 
-    with pytest.raises(ConfigError, match="does not prune GPT-2 blocks.*prune=magnitude"):
-        validate(cfg("data=fortunes_lm", "teacher=causal_lm", "student=causal_lm_small", "prune=structured"))
     with pytest.raises(ConfigError, match="student.model reads data.channels.*student=transformer_small"):
         validate(cfg("data=fortunes_topics", "teacher=transformer"))
     with pytest.raises(ConfigError, match="next-token logits per position.*causal_lm"):

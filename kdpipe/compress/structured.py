@@ -56,15 +56,43 @@ def attention_heads(model: nn.Module) -> dict[nn.Module, int]:
 def transformer_fixed_layers(model: nn.Module, heads: Mapping[nn.Module, int]) -> list[str]:
     """Paths of a transformer's layers whose outputs are the hidden width (embeddings, the attention
     and MLP output projections, the classifier): never pruned, so the residual stream keeps its width
-    and only attention heads and MLP width go."""
+    and only attention heads and MLP width go. A GPT-2 block's fused query/key/value projection is
+    kept whole too (its heads are not traced through GPT-2's split of it), so only its MLP shrinks."""
     return [path for path, m in model.named_modules()
-            if isinstance(m, (nn.Linear, nn.Embedding)) and m not in heads
-            and not path.endswith("intermediate.dense")]
+            if isinstance(m, (nn.Linear, nn.Embedding, *_conv1d())) and m not in heads
+            and not path.endswith(("intermediate.dense", "mlp.c_fc"))]
+
+
+def _conv1d() -> tuple[type, ...]:
+    """transformers' `Conv1D` (GPT-2's linear layers, weight stored (in, out)), if installed."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return ()
+    return (Conv1D,)
+
+
+def present_conv1d_as_transposed(model: nn.Module) -> None:
+    """Give every GPT-2 `Conv1D` the attributes of a 1x1 transposed convolution, which computes the
+    same thing with its weight stored (in, out): Torch-Pruning's conv pruner and every importance
+    criterion then slice its weight along the right axis."""
+    for m in model.modules():
+        if isinstance(m, _conv1d()):
+            m.in_channels, m.out_channels = m.weight.shape
+            m.groups, m.transposed = 1, True
+
+
+def sync_conv1d(model: nn.Module) -> None:
+    """A `Conv1D` reads its output width from `nf`: follow the (pruned or loaded) weight."""
+    for m in model.modules():
+        if isinstance(m, _conv1d()):
+            m.nx, m.nf = m.weight.shape
 
 
 def accumulate_gradients(model: nn.Module, batches: Iterable, num_batches: int) -> None:
-    """Sum cross-entropy gradients over the first `num_batches` (x, y, ...) batches into `.grad`,
-    in eval mode so batch-norm statistics do not move: what Taylor importance reads."""
+    """Sum cross-entropy gradients over the first `num_batches` (x, y, ...) batches into `.grad`
+    (a language model's over every real token), in eval mode so batch-norm statistics do not move:
+    what Taylor importance reads."""
     was_training = model.training
     device = next(model.parameters()).device
     model.eval()
@@ -73,7 +101,10 @@ def accumulate_gradients(model: nn.Module, batches: Iterable, num_batches: int) 
         for i, batch in enumerate(batches):
             if i >= num_batches:
                 break
-            F.cross_entropy(model(batch[0].to(device)), batch[1].to(device)).backward()
+            logits, target = model(batch[0].to(device)), batch[1].to(device)
+            if logits.dim() == 3:  # a language model: (batch, length, vocabulary), one row per token
+                logits, target = logits.flatten(0, 1), target.flatten()
+            F.cross_entropy(logits, target).backward()  # padding targets (UNLABELED) are ignored
     model.train(was_training)
 
 
@@ -91,7 +122,8 @@ class StructuredPruner:
     `layer_scale`: {module path: factor}, a layer's share of `target` (a plan from
     `kdpipe.compress.allocate`: 2 removes twice the share of its channels, 0.5 half), capped at 0.95.
     A BERT-style transformer (kdpipe's `transformer` models) loses whole attention heads and MLP
-    width, `target` of each, and keeps its hidden width (`transformer_fixed_layers`).
+    width, `target` of each, and keeps its hidden width (`transformer_fixed_layers`); a GPT-2
+    decoder (`causal_lm`) loses MLP width only.
     """
 
     structural = True
@@ -103,11 +135,17 @@ class StructuredPruner:
         importance = Magnitude() if importance is None else importance
         was_training = model.training  # tracing the graph leaves the model in eval mode
         modules = dict(model.named_modules())
-        if any(type(m).__name__ == "GPT2Attention" for m in modules.values()):
-            raise ConfigError("prune=structured does not prune GPT-2 blocks (causal_lm: their fused "
-                              "query/key/value projection) yet; use prune=magnitude or prune=none")
+        gpt2 = any(isinstance(m, _conv1d()) for m in modules.values())
+        extra = {}
+        if gpt2:  # GPT-2's Conv1D layers, pruned as the transposed convolutions they compute like
+            present_conv1d_as_transposed(model)
+            extra = {"customized_pruners": {_conv1d()[0]: tp.pruner.function.PrunerBox[tp.ops.OPTYPE.CONV]},
+                     "root_module_types": [tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR, tp.ops.TORCH_LSTM,
+                                           *_conv1d()]}
+            if isinstance(getattr(importance, "target_types", None), (list, tuple)):
+                importance.target_types = [*importance.target_types, *_conv1d()]
         heads = attention_heads(model)  # a BERT-style transformer: whole heads and MLP width only
-        if heads:
+        if heads or gpt2:
             paths = [*(ignore or []), *transformer_fixed_layers(model, heads)]
         else:
             paths = list(ignore) if ignore else output_layers(model, example_inputs)
@@ -130,14 +168,14 @@ class StructuredPruner:
             round_to=int(round_to) if round_to else None,
             pruning_ratio_dict={modules[p]: 0.0 for p in self.layer_scale} or None,
             forward_fn=(lambda m, x: m.forward_all(x)) if forward_all is not None else None,
-            num_heads=heads, prune_num_heads=bool(heads), prune_head_dims=False)
+            num_heads=heads, prune_num_heads=bool(heads), prune_head_dims=False, **extra)
         model.train(was_training)
         self._initial = self._widths()
 
     def _widths(self) -> dict[str, int]:
         """Output channels of every conv/linear layer that may be pruned."""
-        return {path: m.weight.shape[0] for path, m in self.model.named_modules()
-                if isinstance(m, PRUNABLE)
+        return {path: m.weight.shape[1 if isinstance(m, _conv1d()) else 0]
+                for path, m in self.model.named_modules() if isinstance(m, (*PRUNABLE, *_conv1d()))
                 and not any(path == p or path.startswith(p + ".") for p in self.ignored)}
 
     def step(self, target: float) -> None:
@@ -152,6 +190,7 @@ class StructuredPruner:
             self._pruner.pruning_ratio_dict[modules[path]] = [0.0, min(float(target) * scale, 0.95)]
         self._pruner.reset()
         self._pruner.step()
+        sync_conv1d(self.model)
 
     def sparsity(self) -> float:
         """The fraction of the prunable layers' original output channels removed."""
@@ -183,6 +222,7 @@ def resize_to_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
                 setattr(module, out_attr, tensor.shape[0])
                 groups = getattr(module, "groups", 1)
                 setattr(module, in_attr, tensor.shape[1] * groups)
+    sync_conv1d(model)
     return model
 
 
