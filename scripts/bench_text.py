@@ -118,7 +118,7 @@ class Bench:
 
     def student_cmd(self, task: str, seed: int, extra: list[str]) -> list[str]:
         t = TASKS[task]
-        return [*t["data"], *COMMON, f"seed={seed}", "data.seed=0", *t["teacher"],
+        return [*t["data"], *COMMON, f"seed={seed}", f"data.seed={self.args.data_seed}", *t["teacher"],
                 f"teacher.checkpoint={self.teacher_file(task)}", *t["student"],
                 f"student.max_epochs={self.epochs(task, extra)}", f"tracking.experiment=bench_text_{task}",
                 *extra]
@@ -136,11 +136,11 @@ class Bench:
     # -- phases ---------------------------------------------------------------------------------
 
     def teacher(self) -> None:
-        self.run([(f"{task}-teacher-lr{lr:g}", [*t["data"], *COMMON, "seed=0", *t["teacher"], *t["student"],
-                                                  f"optim.lr={lr:g}", "distill=none",
-                                       f"teacher.max_epochs={self.args.teacher_epochs[task]}",
-                                                  "student.max_epochs=1",
-                                                  f"tracking.experiment=bench_text_{task}"])
+        split = f"data.seed={self.args.data_seed}"
+        self.run([(f"{task}-teacher-lr{lr:g}",
+                   [*t["data"], *COMMON, "seed=0", split, *t["teacher"], *t["student"], f"optim.lr={lr:g}",
+                    "distill=none", f"teacher.max_epochs={self.args.teacher_epochs[task]}",
+                    "student.max_epochs=1", f"tracking.experiment=bench_text_{task}"])
                   for task, t in TASKS.items() if "teacher_of" not in t and task in self.args.tasks
                   for lr in self.args.teacher_lrs])
 
@@ -285,6 +285,9 @@ def main() -> None:
     ap.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--data-seed", type=int, default=0,
+                    help="the seeded train/val/test split (data.seed) of every run: repeat the study on "
+                         "other splits, each in its own --workdir, where one split's held-out texts are few")
     ap.add_argument("--lm-schemes", nargs="+", choices=LM_SCHEMES, default=list(LM_SCHEMES))
     ap.add_argument("--epochs", type=lambda s: dict(kv.split("=") for kv in s.split(",")),
                     default={"topics": 15, "lm": 10}, help="student epochs per task, e.g. topics=15,lm=10")
