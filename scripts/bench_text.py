@@ -17,7 +17,7 @@ whose run finished in an earlier invocation is skipped. Phases:
 - `search`: seed 0, validation split: the scratch student's learning rate, then KD's temperature and
   alpha at that rate (topics); the LM student's rate from scratch (the distilled LM students use it);
 - `final`: seeds 0-2 at the chosen settings: topics scratch vs KD; LM scratch vs each token-level
-  divergence (forward KL, reverse KL, JSD, skew KL) at alpha 0.5, T 1;
+  divergence (forward KL, reverse KL, JSD, skew KL) at alpha 0.5, T 1, and sequence-level KD;
 - `scarce`: 10 % of the topic labels (`data.labeled_fraction=0.1`): scratch on the labeled texts against
   KD on every text from the full-label teacher, each at its setting chosen on val, seeds 0-2;
 - `report`: the tables (printed, and `<workdir>/report.md`).
@@ -53,7 +53,7 @@ TASKS = {
 TASKS["topics10"] = {**TASKS["topics"], "data": ["data=fortunes_topics", "data.labeled_fraction=0.1"],
                      "teacher_of": "topics"}
 KD_SCARCE = [(1.0, 0.9), (4.0, 0.9)]
-LM_SCHEMES = ("lm_forward_kl", "lm_reverse_kl", "lm_jsd", "lm_skew_kl")
+LM_SCHEMES = ("lm_forward_kl", "lm_reverse_kl", "lm_jsd", "lm_skew_kl", "sequence_kd")
 LRS = {"topics": (0.0005, 0.001, 0.002), "lm": (0.0005, 0.001, 0.002)}
 TEACHER_LRS = (0.0005, 0.002)
 KD_GRID = [(t, a) for t in (1.0, 2.0, 4.0) for a in (0.5, 0.9)]
