@@ -57,7 +57,8 @@ def transformer_fixed_layers(model: nn.Module, heads: Mapping[nn.Module, int]) -
     """Paths of a transformer's layers whose outputs are the hidden width (embeddings, the attention
     and MLP output projections, the classifier): never pruned, so the residual stream keeps its width
     and only attention heads and MLP width go. A GPT-2 block's fused query/key/value projection is
-    kept whole too (its heads are not traced through GPT-2's split of it), so only its MLP shrinks."""
+    kept whole too (GPT-2 splits its output along the last dimension, and Torch-Pruning maps channel
+    indices through a split along dimension 1 only), so only its MLP shrinks."""
     return [path for path, m in model.named_modules()
             if isinstance(m, (nn.Linear, nn.Embedding, *_conv1d())) and m not in heads
             and not path.endswith(("intermediate.dense", "mlp.c_fc"))]
