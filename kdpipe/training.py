@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from hydra.utils import instantiate
 from mlflow.entities import Run
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
@@ -66,6 +67,18 @@ class Optim:
         return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler(opt), "interval": "epoch"}}
 
 
+class ChannelsLast(Callback):
+    """Puts the module's 4-D weights (convolutions, with the teacher of a distillation module) in
+    channels-last layout before the optimisers are built: every later activation follows, and
+    convolutions on CPU train about 25 % faster (scripts/bench_channels_last.py). The values are
+    the same; checkpoints and saved models load into either layout. Other weights are untouched,
+    so a model without convolutions trains as before."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            pl_module.to(memory_format=torch.channels_last)
+
+
 class StageRunLogger(MLFlowLogger):
     """Lightning's MLflow logger on the stage's run, which the stage (not each fit) ends: Lightning
     marks the run FINISHED when a fit ends, so a stage of several fits (a chain, born-again
@@ -107,8 +120,10 @@ class Fitter:
         logger = StageRunLogger(tracking_uri=self.tracking_uri, run_id=self.run_id)
         ckpt = ModelCheckpoint(dirpath=checkpoint_dir(self.checkpoint_root, self.checkpoint_key(name)),
                                save_last=True, save_top_k=1)  # top 1 = the newest epoch
-        return pl.Trainer(**{**self.trainer_kwargs, "max_epochs": int(max_epochs)}, logger=logger,
-                          callbacks=[ckpt, *callbacks, *self.user_callbacks()],
+        kwargs = dict(self.trainer_kwargs)
+        layout = [ChannelsLast()] if kwargs.pop("channels_last", False) else []  # kdpipe's key
+        return pl.Trainer(**{**kwargs, "max_epochs": int(max_epochs)}, logger=logger,
+                          callbacks=[ckpt, *layout, *callbacks, *self.user_callbacks()],
                           default_root_dir=str(self.workdir))
 
     def fit(self, module: pl.LightningModule, name: str, max_epochs: int, callbacks: Sequence[Callback] = (),

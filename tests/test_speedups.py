@@ -102,3 +102,40 @@ def test_the_batched_loaders_give_the_batches_of_a_plain_dataloader():
             assert len(a) == len(b) > 0
             for x, y in zip(a, b, strict=True):
                 assert type(x) is type(y) and all(torch.equal(u, v) for u, v in zip(x, y, strict=True))
+
+
+def test_channels_last_training_trains_the_same_model_in_the_faster_layout():
+    """`trainer.channels_last` (on by default) changes where the numbers sit in memory, not what is
+    learnt: two fits from one seed end at the same weights, and the saved weights load into a
+    model built the default way."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import Callback
+
+    from kdpipe.modules.classifier import ClassifierModule
+    from kdpipe.training import ChannelsLast
+
+    class Layout(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            conv = pl_module.model.features[1][0].weight  # 8 in-channels: the layouts differ
+            self.seen = conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+
+    def fit(channels_last: bool) -> tuple[dict[str, torch.Tensor], bool]:
+        pl.seed_everything(0, verbose=False)
+        dm = SyntheticDataModule(num_samples=256, batch_size=32, seed=0)
+        module = ClassifierModule(cnn((1, 8, 8), 4, width=8, depth=2), 4)
+        layout = Layout()
+        trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False,
+                             callbacks=[layout, *([ChannelsLast()] if channels_last else [])])
+        trainer.fit(module, datamodule=dm)
+        return module.model.state_dict(), layout.seen
+
+    default, seen_default = fit(False)
+    fast, seen_fast = fit(True)
+    assert seen_fast and not seen_default
+    assert default.keys() == fast.keys()
+    for name in default:
+        assert torch.allclose(default[name].float(), fast[name].float(), atol=1e-4), name
+    plain = cnn((1, 8, 8), 4, width=8, depth=2)
+    plain.load_state_dict(fast)
+    assert plain.features[1][0].weight.is_contiguous()

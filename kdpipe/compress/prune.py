@@ -23,6 +23,21 @@ def _masked_zeros(module: nn.Module, name: str) -> int:
     return 0 if mask is None else int((mask == 0).sum())
 
 
+def _contiguous(params: list[tuple[nn.Module, str]]) -> None:
+    """Put each weight (and its `_orig` and `_mask` once pruned) in torch's default layout, in place:
+    `prune.global_unstructured` flattens them with `view`, which a channels-last weight refuses
+    (`trainer.channels_last`). The parameter objects stay the ones an optimizer holds."""
+    for module, name in params:
+        for attr in (name, name + "_orig", name + "_mask"):
+            t = getattr(module, attr, None)
+            if t is None or t.is_contiguous():
+                continue
+            if isinstance(t, nn.Parameter) or attr in module._buffers:
+                t.data = t.data.contiguous()
+            else:  # the masked weight a pruned module recomputes before each forward
+                setattr(module, attr, t.contiguous())
+
+
 def magnitude_prune(model: nn.Module, amount: float, scope: str = "global",
                     ignore: tuple[str, ...] = ()) -> None:
     """Mask the conv/linear weights with the smallest |w| until exactly `amount` of them are zero
@@ -35,6 +50,7 @@ def magnitude_prune(model: nn.Module, amount: float, scope: str = "global",
     zero, and the parameter object is the one an optimizer already holds; `make_permanent`
     folds the masks in. Layers in `ignore` (module paths) are left whole."""
     params = prunable_weights(model, ignore)
+    _contiguous(params)
     if scope == "global":
         total = sum(getattr(m, n).numel() for m, n in params)
         extra = round(amount * total) - sum(_masked_zeros(m, n) for m, n in params)
