@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -27,6 +28,12 @@ from kdpipe.report.tables import fmt, markdown_table
 from kdpipe.stages.base import PipelineContext, StageOutput, StageRun, run_stage
 
 LATENCY_RUNTIME = "onnxruntime-cpu-1thread"
+# On the run that holds a model's artefact: its test/val metrics as JSON. They are a function of the
+# model file and the data, which the run's cache key pins (the stage's config, the data's
+# fingerprint, kdpipe's code), so a pipeline that reuses the run reads them instead of running the
+# model over both splits again. Latency, a measurement of the machine, is always measured afresh.
+ACCURACY_TAG = "kdpipe.eval_accuracy"
+log = logging.getLogger("kdpipe")
 
 
 def split_metrics(split: str, logits: torch.Tensor, target: torch.Tensor, num_classes: int,
@@ -55,10 +62,7 @@ def measure(ctx: PipelineContext, out: StageOutput) -> dict[str, float]:
         torch_model = load_model(out.path)
         logits_of = functools.partial(torch_logits, torch_model)
         onnx_path = export_onnx(torch_model, example, ctx.workdir / "evaluate" / f"{out.stage}.onnx")
-    accuracy, dm = {}, ctx.datamodule
-    for split, loader in (("test", dm.test_dataloader()), ("val", dm.val_dataloader())):
-        accuracy.update(split_metrics(split, *logits_of(loader), ctx.num_classes,
-                                      getattr(dm, "kind", "") == "lm", getattr(dm, "task_ranges", None)))
+    accuracy = split_accuracy(ctx, out, logits_of)
     params, nonzero = count_params(torch_model)
     lat = onnx_latency_ms(onnx_path, example, warmup=int(ecfg.latency_warmup), iters=int(ecfg.latency_iters))
     thr = onnx_latency_ms(onnx_path, example, warmup=3, iters=max(5, int(ecfg.latency_iters) // 10),
@@ -66,7 +70,7 @@ def measure(ctx: PipelineContext, out: StageOutput) -> dict[str, float]:
     exits = {}
     if isinstance(torch_model, EarlyExitNet):  # measured again as it ships: stopping early
         quantize = ctx.section("quantize") if out.kind == "onnx" else None
-        exits = measure_exits(torch_model, onnx_path, dm, example, exits_folder(ctx, out),
+        exits = measure_exits(torch_model, onnx_path, ctx.datamodule, example, exits_folder(ctx, out),
                               ctx.section("exits"), quantize)
     return {
         **accuracy,
@@ -79,6 +83,22 @@ def measure(ctx: PipelineContext, out: StageOutput) -> dict[str, float]:
         "throughput/samples_per_s": thr["throughput"],
         **exits,
     }
+
+
+def split_accuracy(ctx: PipelineContext, out: StageOutput, logits_of) -> dict[str, float]:
+    """The test/val metrics of one model: read from the run that made it when an earlier pipeline
+    measured them there (`ACCURACY_TAG`), else computed and recorded on that run."""
+    client, origin = MlflowClient(), out.reused_from or out.run_id
+    saved = client.get_run(origin).data.tags.get(ACCURACY_TAG) if out.reused_from else None
+    if saved is not None:
+        log.info("evaluate: %s's test and val metrics as measured on run %s", out.stage, origin)
+        return json.loads(saved)
+    accuracy, dm = {}, ctx.datamodule
+    for split, loader in (("test", dm.test_dataloader()), ("val", dm.val_dataloader())):
+        accuracy.update(split_metrics(split, *logits_of(loader), ctx.num_classes,
+                                      getattr(dm, "kind", "") == "lm", getattr(dm, "task_ranges", None)))
+    client.set_tag(origin, ACCURACY_TAG, json.dumps(accuracy))
+    return accuracy
 
 
 def exits_folder(ctx: PipelineContext, out: StageOutput) -> Path:
