@@ -358,11 +358,11 @@ def test_a_causal_language_model_is_distilled_token_by_token_and_logs_perplexity
     assert runs["prune"].data.metrics["model/params"] < distill.data.metrics["model/params"]
 
 
-def test_structured_pruning_removes_gpt2_mlp_units_for_real_and_the_model_reloads():
-    """GPT-2's Conv1D layers (weight stored (in, out)) lose MLP units through Torch-Pruning: the
-    pruned decoder computes exactly what the unpruned one does with those units' output weights
-    zeroed, its attention is untouched, Taylor importance reads next-token gradients, and a fresh
-    model takes the pruned weights."""
+def test_structured_pruning_removes_gpt2_heads_and_mlp_units_for_real_and_the_model_reloads():
+    """GPT-2's Conv1D layers (weight stored (in, out)) lose MLP units through Torch-Pruning and
+    whole attention heads (query, key, value and their output rows): the pruned decoder computes
+    exactly what the unpruned one does with the removed units' and heads' output weights zeroed,
+    Taylor importance reads next-token gradients, and a fresh model takes the pruned weights."""
     from kdpipe.compress.importance import Taylor
     from kdpipe.compress.structured import StructuredPruner, accumulate_gradients, resize_to_state_dict
 
@@ -376,11 +376,16 @@ def test_structured_pruning_removes_gpt2_mlp_units_for_real_and_the_model_reload
     assert pruner.sparsity() == pytest.approx(0.5)
     for block, before in zip(model.transformer.h, unpruned.transformer.h, strict=True):
         assert block.mlp.c_fc.weight.shape == (32, 64) and block.mlp.c_proj.weight.shape == (64, 32)
-        assert torch.equal(block.attn.c_attn.weight, before.attn.c_attn.weight)
-        rows = before.mlp.c_proj.weight
-        kept = [next(i for i in range(len(rows)) if torch.equal(rows[i], r)) for r in block.mlp.c_proj.weight]
-        with torch.no_grad():
-            rows[sorted(set(range(len(rows))) - set(kept))] = 0
+        assert block.attn.c_attn.weight.shape == (32, 48) and block.attn.c_proj.weight.shape == (16, 32)
+        assert (block.attn.num_heads, block.attn.split_size) == (2, 16)  # 2 of 4 heads of 8 channels
+        for now, rows in ((block.mlp.c_proj.weight, before.mlp.c_proj.weight),
+                          (block.attn.c_proj.weight, before.attn.c_proj.weight)):
+            kept = [next(i for i in range(len(rows)) if torch.equal(rows[i], r)) for r in now]
+            if rows is before.attn.c_proj.weight:  # whole heads: runs of 8 rows
+                assert all(kept[i] % 8 == 0 and kept[i:i + 8] == list(range(kept[i], kept[i] + 8))
+                           for i in range(0, len(kept), 8))
+            with torch.no_grad():
+                rows[sorted(set(range(len(rows))) - set(kept))] = 0
     out = model(x)
     torch.testing.assert_close(out, unpruned(x), rtol=0, atol=1e-5)
     fresh = causal_lm([12], 300, vocab_size=300, layers=2, width=32, heads=4, dropout=0.0).eval()

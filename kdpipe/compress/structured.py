@@ -57,8 +57,9 @@ def transformer_fixed_layers(model: nn.Module, heads: Mapping[nn.Module, int]) -
     """Paths of a transformer's layers whose outputs are the hidden width (embeddings, the attention
     and MLP output projections, the classifier): never pruned, so the residual stream keeps its width
     and only attention heads and MLP width go. A GPT-2 block's fused query/key/value projection is
-    kept whole too (GPT-2 splits its output along the last dimension, and Torch-Pruning maps channel
-    indices through a split along dimension 1 only), so only its MLP shrinks."""
+    kept out of Torch-Pruning's graph too (GPT-2 splits its output along the last dimension, and
+    Torch-Pruning maps channel indices through a split along dimension 1 only): its heads go
+    through `prune_gpt2_heads` instead."""
     return [path for path, m in model.named_modules()
             if isinstance(m, (nn.Linear, nn.Embedding, *_conv1d())) and m not in heads
             and not path.endswith(("intermediate.dense", "mlp.c_fc"))]
@@ -84,10 +85,48 @@ def present_conv1d_as_transposed(model: nn.Module) -> None:
 
 
 def sync_conv1d(model: nn.Module) -> None:
-    """A `Conv1D` reads its output width from `nf`: follow the (pruned or loaded) weight."""
+    """A `Conv1D` reads its output width from `nf`, and a GPT-2 attention splits its fused
+    query/key/value output at `split_size`: follow the (pruned or loaded) weights."""
     for m in model.modules():
         if isinstance(m, _conv1d()):
             m.nx, m.nf = m.weight.shape
+            m.in_channels, m.out_channels = m.weight.shape  # as present_conv1d_as_transposed says
+    for attn in _gpt2_attentions(model):
+        attn.split_size = attn.c_attn.weight.shape[1] // 3
+        attn.num_heads = attn.split_size // attn.head_dim
+
+
+def _gpt2_attentions(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if type(m).__name__ == "GPT2Attention"]
+
+
+def prune_gpt2_heads(attn: nn.Module, remove: int, gradients: bool) -> None:
+    """Remove `remove` whole heads from one GPT-2 self-attention: a head's query, key and value
+    columns of the fused `c_attn` (weight (in, 3 x width), split along its last axis) and the
+    rows of `c_proj` that read its output. Heads are ranked by the squared magnitude of those
+    weights, or, with `gradients`, by their first-order Taylor score |w * dL/dw| (what the
+    `taylor` importance reads), summed per head; the lowest go."""
+    hd, width = attn.head_dim, attn.split_size
+    heads = width // hd
+    remove = min(int(remove), heads - 1)
+    if remove <= 0:
+        return
+
+    def score(w: torch.Tensor) -> torch.Tensor:
+        g = w.grad if gradients else None
+        return (w * g).abs() if g is not None else w.pow(2)
+
+    with torch.no_grad():
+        per_head = (score(attn.c_attn.weight).view(-1, 3, heads, hd).sum((0, 1, 3))
+                    + score(attn.c_attn.bias).view(3, heads, hd).sum((0, 2))
+                    + score(attn.c_proj.weight).view(heads, hd, -1).sum((1, 2)))
+        kept = per_head.topk(heads - remove).indices.sort().values
+        rows = (kept[:, None] * hd + torch.arange(hd)).flatten()  # the kept heads' channels, in order
+        cols = torch.cat([part * width + rows for part in range(3)])  # of query, key and value
+        c_attn, c_proj = attn.c_attn, attn.c_proj
+        c_attn.weight = nn.Parameter(c_attn.weight[:, cols].clone())
+        c_attn.bias = nn.Parameter(c_attn.bias[cols].clone())
+        c_proj.weight = nn.Parameter(c_proj.weight[rows].clone())
 
 
 def accumulate_gradients(model: nn.Module, batches: Iterable, num_batches: int) -> None:
@@ -123,8 +162,8 @@ class StructuredPruner:
     `layer_scale`: {module path: factor}, a layer's share of `target` (a plan from
     `kdpipe.compress.allocate`: 2 removes twice the share of its channels, 0.5 half), capped at 0.95.
     A BERT-style transformer (kdpipe's `transformer` models) loses whole attention heads and MLP
-    width, `target` of each, and keeps its hidden width (`transformer_fixed_layers`); a GPT-2
-    decoder (`causal_lm`) loses MLP width only.
+    width, `target` of each, and keeps its hidden width (`transformer_fixed_layers`); so does a
+    GPT-2 decoder (`causal_lm`), its heads removed by `prune_gpt2_heads` after each step.
     """
 
     structural = True
@@ -162,6 +201,12 @@ class StructuredPruner:
                 raise ConfigError(f"{key} names no layer {unknown}; valid module paths: "
                                   f"{', '.join(n for n in modules if n)}")
         self.model, self.ignored = model, paths
+        # GPT-2 attentions lose heads outside Torch-Pruning (prune_gpt2_heads): {path: initial heads}
+        attentions = _gpt2_attentions(model)
+        self._gpt2_heads = {path: m.split_size // m.head_dim for path, m in modules.items()
+                            if any(m is a for a in attentions) and path not in (ignore or [])
+                            and f"{path}.c_attn" not in (ignore or [])}
+        self._gradients = needs_gradients(importance)
         self.gradient_batches = int(gradient_batches) if needs_gradients(importance) else 0
         self._pruner = tp.pruner.MetaPruner(
             model, example_inputs[:1], importance=importance, global_pruning=global_pruning,
@@ -174,10 +219,14 @@ class StructuredPruner:
         self._initial = self._widths()
 
     def _widths(self) -> dict[str, int]:
-        """Output channels of every conv/linear layer that may be pruned."""
-        return {path: m.weight.shape[1 if isinstance(m, _conv1d()) else 0]
-                for path, m in self.model.named_modules() if isinstance(m, (*PRUNABLE, *_conv1d()))
-                and not any(path == p or path.startswith(p + ".") for p in self.ignored)}
+        """Output channels of every conv/linear layer that may be pruned (a GPT-2 attention's:
+        its fused query/key/value projection, which loses whole heads)."""
+        widths = {path: m.weight.shape[1 if isinstance(m, _conv1d()) else 0]
+                  for path, m in self.model.named_modules() if isinstance(m, (*PRUNABLE, *_conv1d()))
+                  and not any(path == p or path.startswith(p + ".") for p in self.ignored)}
+        modules = dict(self.model.named_modules())
+        widths.update({f"{path}.c_attn": modules[path].c_attn.weight.shape[1] for path in self._gpt2_heads})
+        return widths
 
     def step(self, target: float) -> None:
         if self.gradient_batches and all(p.grad is None for p in self.model.parameters()):
@@ -191,6 +240,11 @@ class StructuredPruner:
             self._pruner.pruning_ratio_dict[modules[path]] = [0.0, min(float(target) * scale, 0.95)]
         self._pruner.reset()
         self._pruner.step()
+        modules = dict(self.model.named_modules())
+        for path, initial in self._gpt2_heads.items():  # target of each block's heads, as for BERT
+            attn = modules[path]
+            removed = initial - attn.split_size // attn.head_dim
+            prune_gpt2_heads(attn, int(float(target) * initial) - removed, self._gradients)
         sync_conv1d(self.model)
 
     def sparsity(self) -> float:
