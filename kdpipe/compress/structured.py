@@ -207,7 +207,7 @@ class StructuredPruner:
                             if any(m is a for a in attentions) and path not in (ignore or [])
                             and f"{path}.c_attn" not in (ignore or [])}
         self._gradients = needs_gradients(importance)
-        self.gradient_batches = int(gradient_batches) if needs_gradients(importance) else 0
+        self.gradient_batches = int(gradient_batches) if self._gradients else 0
         self._pruner = tp.pruner.MetaPruner(
             model, example_inputs[:1], importance=importance, global_pruning=global_pruning,
             pruning_ratio=0.0, iterative_steps=1, ignored_layers=[modules[p] for p in paths],
