@@ -91,13 +91,14 @@ def sync_conv1d(model: nn.Module) -> None:
         if isinstance(m, _conv1d()):
             m.nx, m.nf = m.weight.shape
             m.in_channels, m.out_channels = m.weight.shape  # as present_conv1d_as_transposed says
-    for attn in _gpt2_attentions(model):
+    for attn in _gpt2_attentions(model).values():
         attn.split_size = attn.c_attn.weight.shape[1] // 3
         attn.num_heads = attn.split_size // attn.head_dim
 
 
-def _gpt2_attentions(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if type(m).__name__ == "GPT2Attention"]
+def _gpt2_attentions(model: nn.Module) -> dict[str, nn.Module]:
+    """transformers' GPT-2 self-attention blocks, by module path."""
+    return {path: m for path, m in model.named_modules() if type(m).__name__ == "GPT2Attention"}
 
 
 def prune_gpt2_heads(attn: nn.Module, remove: int, gradients: bool) -> None:
@@ -202,10 +203,8 @@ class StructuredPruner:
                                   f"{', '.join(n for n in modules if n)}")
         self.model, self.ignored = model, paths
         # GPT-2 attentions lose heads outside Torch-Pruning (prune_gpt2_heads): {path: initial heads}
-        attentions = _gpt2_attentions(model)
-        self._gpt2_heads = {path: m.split_size // m.head_dim for path, m in modules.items()
-                            if any(m is a for a in attentions) and path not in (ignore or [])
-                            and f"{path}.c_attn" not in (ignore or [])}
+        self._gpt2_heads = {path: m.split_size // m.head_dim for path, m in _gpt2_attentions(model).items()
+                            if path not in (ignore or []) and f"{path}.c_attn" not in (ignore or [])}
         self._gradients = needs_gradients(importance)
         self.gradient_batches = int(gradient_batches) if self._gradients else 0
         self._pruner = tp.pruner.MetaPruner(
