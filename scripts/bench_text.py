@@ -15,9 +15,13 @@ whose run finished in an earlier invocation is skipped. Phases:
   accuracy (perplexity) teaches. Every student loads it with `teacher.checkpoint`, so its outputs
   are computed once (top-k per token for the LM);
 - `search`: seed 0, validation split: the scratch student's learning rate, then KD's temperature and
-  alpha at that rate (topics); the LM student's rate from scratch (the distilled LM students use it);
-- `final`: seeds 0-2 at the chosen settings: topics scratch vs KD; LM scratch vs each token-level
-  divergence (forward KL, reverse KL, JSD, skew KL) at alpha 0.5, T 1, and sequence-level KD;
+  alpha at that rate (topics, language, multi); the LM student's rate from scratch (the distilled LM
+  students use it);
+- `final`: seeds 0-2 at the chosen settings: topics scratch vs KD (and `--topic-schemes`: TinyBERT,
+  MiniLM at their defaults); LM scratch vs each token-level divergence (forward KL, reverse KL, JSD,
+  skew KL) at alpha 0.5, T 1, and sequence-level KD; with `--tasks multi`, one student with a head
+  per task (topics and language identification) from scratch vs KD from one teacher per task, each
+  task's test accuracy in its own column;
 - `scarce`: 10 % of the topic labels (`data.labeled_fraction=0.1`): scratch on the labeled texts against
   KD on every text from the full-label teacher, each at its setting chosen on val, seeds 0-2;
 - `report`: the tables (printed, and `<workdir>/report.md`).
@@ -52,9 +56,19 @@ TASKS = {
 # and the full-label teacher's outputs on all of them; scratch learns from the labeled 10 % alone.
 TASKS["topics10"] = {**TASKS["topics"], "data": ["data=fortunes_topics", "data.labeled_fraction=0.1"],
                      "teacher_of": "topics"}
+# Multi-task distillation: topics and language identification at once; the teacher is one
+# transformer (4 layers of 128) per task, the student one transformer_small with a head per task.
+TASKS["multi"] = {"data": ["data=fortunes_multitask"], "teacher": ["teacher=multitask"],
+                  "student": ["student=multitask_small"], "metric": "acc", "parts": ("topics", "language")}
+# Language identification alone (8 languages), the same teacher and student as the topics.
+TASKS["language"] = {**TASKS["topics"], "data": ["data=fortunes_language"]}
+CLASSIFIERS = ("topics", "language", "multi")  # tasks whose scratch rate and KD setting the search picks
 KD_SCARCE = [(1.0, 0.9), (4.0, 0.9)]
 LM_SCHEMES = ("lm_forward_kl", "lm_reverse_kl", "lm_jsd", "lm_skew_kl", "sequence_kd")
-LRS = {"topics": (0.0005, 0.001, 0.002), "lm": (0.0005, 0.001, 0.002)}
+# Beside KD on the topics (`--topic-schemes`), at their shipped defaults and the scratch student's rate:
+# TinyBERT's hidden-state and MiniLM's attention-relation matching (they run the teacher every step).
+TOPIC_SCHEMES = ("tinybert", "minilm")
+LRS = {task: (0.0005, 0.001, 0.002) for task in ("topics", "lm", "language", "multi")}
 TEACHER_LRS = (0.0005, 0.002)
 KD_GRID = [(t, a) for t in (1.0, 2.0, 4.0) for a in (0.5, 0.9)]
 
@@ -147,13 +161,16 @@ class Bench:
     def chosen(self) -> dict[str, list[str]]:
         """The settings the search picked on the validation split."""
         out = {}
-        if "topics" in self.args.tasks:
-            lr_topics = max(LRS["topics"], key=lambda lr: self.val(f"topics-none-lr{lr:g}-s0", "acc"))
+        for task in (t for t in CLASSIFIERS if t in self.args.tasks):
+            lr = max(LRS[task], key=lambda lr: self.val(f"{task}-none-lr{lr:g}-s0", "acc"))
             t, a = max(self.args.kd_grid,
-                       key=lambda ta: self.val(f"topics-kd-T{ta[0]:g}-a{ta[1]:g}-s0", "acc"))
-            out.update({"topics-none": [f"optim.lr={lr_topics:g}", "distill=none"],
-                        "topics-kd": [f"optim.lr={lr_topics:g}", "distill=kd", f"distill.temperature={t:g}",
-                                      f"distill.alpha={a:g}"]})
+                       key=lambda ta: self.val(f"{task}-kd-T{ta[0]:g}-a{ta[1]:g}-s0", "acc"))
+            out.update({f"{task}-none": [f"optim.lr={lr:g}", "distill=none"],
+                        f"{task}-kd": [f"optim.lr={lr:g}", "distill=kd", f"distill.temperature={t:g}",
+                                       f"distill.alpha={a:g}"]})
+            if task == "topics":
+                out.update({f"topics-{s}": [f"optim.lr={lr:g}", f"distill={s}"]
+                            for s in self.args.topic_schemes})
         if "lm" in self.args.tasks:
             lr_lm = min(LRS["lm"], key=lambda lr: self.val(f"lm-none-lr{lr:g}-s0", "ppl"))
             out.update({"lm-none": [f"optim.lr={lr_lm:g}", "distill=none"],
@@ -162,15 +179,14 @@ class Bench:
 
     def search(self) -> None:
         jobs = [(f"{task}-none-lr{lr:g}-s0", self.student_cmd(task, 0, [f"optim.lr={lr:g}", "distill=none"]))
-                for task in ("topics", "lm") if task in self.args.tasks for lr in LRS[task]]
+                for task in LRS if task in self.args.tasks for lr in LRS[task]]
         self.run(jobs)
-        if "topics" not in self.args.tasks:
-            return
-        lr = max(LRS["topics"], key=lambda lr: self.val(f"topics-none-lr{lr:g}-s0", "acc"))
-        self.run([(f"topics-kd-T{t:g}-a{a:g}-s0",
-                   self.student_cmd("topics", 0, [f"optim.lr={lr:g}", "distill=kd",
+        for task in (t for t in CLASSIFIERS if t in self.args.tasks):
+            lr = max(LRS[task], key=lambda lr: self.val(f"{task}-none-lr{lr:g}-s0", "acc"))
+            self.run([(f"{task}-kd-T{t:g}-a{a:g}-s0",
+                       self.student_cmd(task, 0, [f"optim.lr={lr:g}", "distill=kd",
                                                   f"distill.temperature={t:g}", f"distill.alpha={a:g}"]))
-                  for t, a in self.args.kd_grid])
+                      for t, a in self.args.kd_grid])
 
     def final(self) -> None:
         jobs = [(f"{name}-s{seed}", self.student_cmd(name.split("-")[0], seed, extra))
@@ -212,11 +228,15 @@ class Bench:
             teacher = self.stage_run(runs[name], "teacher").data.metrics
             shown = self.fmt(metric, [teacher[f"test/{metric}"]])
             title = {"topics": "topics, every label", "lm": "causal language model",
-                     "topics10": "topics, 10 % of the labels"}.get(task, task)
+                     "topics10": "topics, 10 % of the labels", "language": "language identification",
+                     "multi": "topics and language at once (one student, a head per task)"}.get(task, task)
+            parts = t.get("parts", ())
+            shown += "".join(f", {p} {self.fmt(metric, [teacher[f'test/{metric}_{p}']])}" for p in parts)
             lines += [f"\n### {title}: teacher `{name}`, test {metric} {shown}, val {metric} "
                       f"{self.fmt(metric, [teacher[f'val/{metric}']])}\n",
                       f"| student | setting (chosen on val) | test {metric} (mean ± std, last epoch) "
-                      f"| val {metric} | int8 test {metric} | params |", "|---|---|---|---|---|---|"]
+                      + "".join(f"| test {metric} {p} " for p in parts)
+                      + f"| val {metric} | int8 test {metric} | params |", "|---" * (6 + len(parts)) + "|"]
             for name, extra in chosen.items():
                 if name.split("-")[0] != task:
                     continue
@@ -229,7 +249,9 @@ class Bench:
                 q = [q.data.metrics[f"test/{metric}"] for _, q in stages if q]
                 params = int(stages[0][0].data.metrics["model/params"])
                 cells = [name.split("-", 1)[1], f"`{' '.join(extra)}`, {self.epochs(task, extra)} epochs",
-                         f"{self.fmt(metric, test)} (n={len(test)})", self.fmt(metric, val),
+                         f"{self.fmt(metric, test)} (n={len(test)})",
+                         *(self.fmt(metric, [d.data.metrics[f"test/{metric}_{p}"] for d, _ in stages])
+                           for p in parts), self.fmt(metric, val),
                          self.fmt(metric, q), f"{params:,}"]
                 lines.append("| " + " | ".join(cells) + " |")
         text = "\n".join(lines) + "\n"
@@ -290,10 +312,16 @@ def main() -> None:
                          "other splits, each in its own --workdir, where one split's held-out texts are few")
     ap.add_argument("--lm-schemes", nargs="+", choices=LM_SCHEMES, default=list(LM_SCHEMES))
     ap.add_argument("--epochs", type=lambda s: dict(kv.split("=") for kv in s.split(",")),
-                    default={"topics": 15, "lm": 10}, help="student epochs per task, e.g. topics=15,lm=10")
+                    default={"topics": 15, "lm": 10, "language": 15, "multi": 15},
+                    help="student epochs per task, e.g. topics=15,lm=10")
     ap.add_argument("--teacher-epochs", type=lambda s: dict(kv.split("=") for kv in s.split(",")),
-                    default={"topics": 10, "lm": 10})
-    ap.add_argument("--tasks", nargs="+", choices=("topics", "lm"), default=["topics", "lm"])
+                    default={"topics": 10, "lm": 10, "language": 10, "multi": 10})
+    ap.add_argument("--tasks", nargs="+", choices=("topics", "lm", "language", "multi"),
+                    default=["topics", "lm"],
+                    help="language: identification of 8 languages; multi: topics and language at once, "
+                         "one student with a head per task")
+    ap.add_argument("--topic-schemes", nargs="+", choices=TOPIC_SCHEMES, default=[],
+                    help="schemes beside KD on the full-label topics, at their defaults")
     ap.add_argument("--pretrained", type=Path, default=None,
                     help="a folder of scripts/pretrain_mlm.py: the topic teacher starts from its encoder, "
                          "and every topic run (teacher, scratch, KD) uses its tokenizer")
@@ -303,7 +331,7 @@ def main() -> None:
     ap.add_argument("--teacher-lrs", type=float, nargs="+", default=list(TEACHER_LRS),
                     help="the teacher's rates (the best on val teaches)")
     ap.add_argument("--kd-grid", type=lambda s: tuple(map(float, s.split(":"))), nargs="+", default=KD_GRID,
-                    metavar="T:ALPHA", help="KD's candidates on the full-label topics, e.g. 1:0.9 2:0.9")
+                    metavar="T:ALPHA", help="KD's candidates on the full-label topics and multi, e.g. 1:0.9")
     args = ap.parse_args()
     for task in ("topics", "topics10"):
         t = TASKS[task]
