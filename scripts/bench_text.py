@@ -143,6 +143,11 @@ class Bench:
         base = int(self.args.epochs[TASKS[task].get("teacher_of", task)])
         return 4 * base if task == "topics10" and "distill=none" in extra else base
 
+    def best_lr(self, task: str) -> float:
+        """The scratch student's rate of highest validation accuracy (the search's seed-0 runs)."""
+        return max(LRS[TASKS[task].get("teacher_of", task)],
+                   key=lambda lr: self.val(f"{task}-none-lr{lr:g}-s0", "acc"))
+
     def val(self, name: str, metric: str) -> float:
         run = self.stage_run(self.pipeline_runs()[name], "distill")
         return run.data.metrics[f"val/{metric}"]
@@ -162,7 +167,7 @@ class Bench:
         """The settings the search picked on the validation split."""
         out = {}
         for task in (t for t in CLASSIFIERS if t in self.args.tasks):
-            lr = max(LRS[task], key=lambda lr: self.val(f"{task}-none-lr{lr:g}-s0", "acc"))
+            lr = self.best_lr(task)
             t, a = max(self.args.kd_grid,
                        key=lambda ta: self.val(f"{task}-kd-T{ta[0]:g}-a{ta[1]:g}-s0", "acc"))
             out.update({f"{task}-none": [f"optim.lr={lr:g}", "distill=none"],
@@ -182,7 +187,7 @@ class Bench:
                 for task in LRS if task in self.args.tasks for lr in LRS[task]]
         self.run(jobs)
         for task in (t for t in CLASSIFIERS if t in self.args.tasks):
-            lr = max(LRS[task], key=lambda lr: self.val(f"{task}-none-lr{lr:g}-s0", "acc"))
+            lr = self.best_lr(task)
             self.run([(f"{task}-kd-T{t:g}-a{a:g}-s0",
                        self.student_cmd(task, 0, [f"optim.lr={lr:g}", "distill=kd",
                                                   f"distill.temperature={t:g}", f"distill.alpha={a:g}"]))
@@ -194,7 +199,7 @@ class Bench:
         self.run(jobs)
 
     def scarce_chosen(self) -> dict[str, list[str]]:
-        lr = max(LRS["topics"], key=lambda lr: self.val(f"topics10-none-lr{lr:g}-s0", "acc"))
+        lr = self.best_lr("topics10")
         t, a = max(KD_SCARCE, key=lambda ta: self.val(f"topics10-kd-T{ta[0]:g}-a{ta[1]:g}-s0", "acc"))
         return {"topics10-none": [f"optim.lr={lr:g}", "distill=none"],
                 "topics10-kd": [f"optim.lr={lr:g}", "distill=kd", f"distill.temperature={t:g}",
@@ -205,7 +210,7 @@ class Bench:
         self.run([(f"topics10-none-lr{lr:g}-s0", self.student_cmd("topics10", 0, [f"optim.lr={lr:g}",
                                                                                   "distill=none"]))
                   for lr in LRS["topics"]])
-        lr = max(LRS["topics"], key=lambda lr: self.val(f"topics10-none-lr{lr:g}-s0", "acc"))
+        lr = self.best_lr("topics10")
         self.run([(f"topics10-kd-T{t:g}-a{a:g}-s0",
                    self.student_cmd("topics10", 0, [f"optim.lr={lr:g}", "distill=kd",
                                                     f"distill.temperature={t:g}", f"distill.alpha={a:g}"]))
@@ -331,7 +336,7 @@ def main() -> None:
     ap.add_argument("--teacher-lrs", type=float, nargs="+", default=list(TEACHER_LRS),
                     help="the teacher's rates (the best on val teaches)")
     ap.add_argument("--kd-grid", type=lambda s: tuple(map(float, s.split(":"))), nargs="+", default=KD_GRID,
-                    metavar="T:ALPHA", help="KD's candidates on the full-label topics and multi, e.g. 1:0.9")
+                    metavar="T:ALPHA", help="KD's candidates on the full-label classifiers, e.g. 1:0.9")
     args = ap.parse_args()
     for task in ("topics", "topics10"):
         t = TASKS[task]
