@@ -22,10 +22,13 @@ CONFIG_PATH = str(_SOURCE_CONF) if (_SOURCE_CONF / "config.yaml").is_file() else
 
 
 def _quiet_libraries() -> None:
-    """Keep the console for progress bars and the summary: library chatter goes to WARNING."""
+    """Keep the console for progress bars and the summary: library chatter goes to WARNING, the ONNX
+    exporter's to ERROR (its optimiser warns of every constant it could not fold, e.g. for a transformer's
+    attention mask, and exports a correct model without the fold)."""
     for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "mlflow", "alembic",
                  "torch.onnx", "onnx_ir", "onnxscript", "torch._export", "torch.export"):
-        logging.getLogger(name).setLevel(logging.ERROR if name.startswith("torch") else logging.WARNING)
+        quiet = logging.ERROR if name.startswith(("torch", "onnx")) else logging.WARNING
+        logging.getLogger(name).setLevel(quiet)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # A frozen teacher in eval mode is intended; Lightning warns about it on every fit.
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")

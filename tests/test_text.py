@@ -316,9 +316,12 @@ def test_a_text_classifier_runs_every_stage_and_logs_them(store, tmp_path):
     write_csv(tmp_path / "topics.csv", topic_texts(150))
     cmd = ["data=text_files", f"data.path={tmp_path / 'topics.csv'}", "data.num_classes=3",
            "teacher=transformer", "student=transformer_small", "prune=structured", "prune.sparsity=0.5",
-           "quantize=dynamic", *TEXT_FAST]
+           "quantize=dynamic", *(o for o in TEXT_FAST if not o.startswith("data.max_length")),
+           "data.max_length=64"]  # at 64 the ONNX exporter's optimiser fails to fold a constant (and warns)
     proc = run_cli(cmd, tmp_path, {"KDPIPE_CACHE_DIR": str(tmp_path / "cache")}, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # the ONNX exporter's optimiser chatter (a warning per constant it could not fold) stays off the console
+    assert "[onnxscript" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
     runs = {r.data.tags.get("kdpipe.stage", "pipeline"): r for r in stage_runs()}
     for stage in ("teacher", "distill", "prune", "quantize", "evaluate"):
         assert stage in runs, sorted(runs)
