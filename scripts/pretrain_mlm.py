@@ -10,6 +10,7 @@ model trained from scratch on a few thousand labeled texts lacks. Writes `<out>/
     python scripts/pretrain_mlm.py --out W/mlm                 # English fortunes outside the topic task
     python scripts/pretrain_mlm.py --path corpus.txt --out W/mlm   # your text: any data=text_lm source
     python scripts/pretrain_mlm.py --out W/mlm --task data=fortunes_topics data.unlabeled=W/unlabeled.jsonl
+    python scripts/pretrain_mlm.py --write-corpus W/unlabeled.jsonl   # the corpus only, as data.unlabeled
 
 `--task <kdpipe data overrides>`: the corpus is that task's training split (as kdpipe splits it, at
 its data.seed) plus its `data.unlabeled` texts, less copies of its validation and test texts, and
@@ -78,7 +79,10 @@ def task_corpus(overrides: list[str], args: argparse.Namespace) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path, default=None, help="where the encoder and its tokenizer go")
+    ap.add_argument("--write-corpus", type=Path, default=None, metavar="FILE",
+                    help="write the corpus as JSONL (one {\"text\": ...} a line: a data.unlabeled file) "
+                         "and stop, without pretraining")
     ap.add_argument("--path", default=None, help="a text_lm source (default: the English fortunes)")
     ap.add_argument("--fortunes", type=Path, default=Path("/usr/share/games/fortunes"))
     ap.add_argument("--task", nargs="+", default=None, metavar="OVERRIDE",
@@ -90,11 +94,13 @@ def main() -> None:
     ap.add_argument("--vocab-size", type=int, default=4000)
     ap.add_argument("--lowercase", action=argparse.BooleanOptionalAction, default=True,
                     help="as the task's data.lowercase (fortunes_topics: true)")
-    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--epochs", type=int, default=30, help="30: the held-out loss is flat at the end")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if (args.out is None) == (args.write_corpus is None):
+        ap.error("give --out DIR to pretrain, or --write-corpus FILE to write the corpus only")
 
     from transformers import (
         BertConfig,
@@ -110,6 +116,12 @@ def main() -> None:
         texts = [t for docs, _ in read_documents(args.path).values() for t in docs]
     else:
         texts = fortunes_corpus(args.fortunes)
+    if args.write_corpus:
+        args.write_corpus.parent.mkdir(parents=True, exist_ok=True)
+        lines = (json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts)
+        args.write_corpus.write_text("".join(lines))
+        print(f"wrote {len(texts)} texts to {args.write_corpus}: data.unlabeled={args.write_corpus}")
+        return
     random.Random(args.seed).shuffle(texts)
     n_val = max(1, len(texts) // 20)
     val_texts, train_texts = texts[:n_val], texts[n_val:]

@@ -242,6 +242,33 @@ def test_fortunes_are_read_from_their_files_and_a_missing_package_names_the_inst
         FortunesDataModule(root=str(root), classes={"en": ["computers"], "ru": ["ru"]}, num_classes=2).setup()
 
 
+def test_the_mlm_corpus_is_written_as_a_transfer_set_without_the_topic_tasks_texts(tmp_path, monkeypatch):
+    """`pretrain_mlm.py --write-corpus`: the unlabeled fortunes the topic probes use as data.unlabeled,
+    with no text of the topic task in it, read back by the topic task as its transfer set."""
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("KDPIPE_CACHE_DIR", str(tmp_path / "cache"))
+    fake_fortunes(tmp_path / "fortunes")
+    (tmp_path / "fortunes" / "people").write_text(  # a topic text copied into another category is dropped
+        (tmp_path / "fortunes" / "people").read_text() + "%\n"
+        + (tmp_path / "fortunes" / "science").read_text().split("%\n")[0])
+    out = tmp_path / "unlabeled.jsonl"
+    cmd = ["scripts/pretrain_mlm.py", "--fortunes", str(tmp_path / "fortunes"), "--write-corpus", str(out)]
+    proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    texts = [json.loads(line)["text"] for line in out.read_text().splitlines()]
+    topics = FortunesDataModule(root=str(tmp_path / "fortunes"), num_classes=6, max_length=8, vocab_size=300,
+                                classes={c: [c] for c in ("computers", "science", "politics", "work",
+                                                          "men-women", "songs-poems")}, unlabeled=str(out))
+    labeled = {t.strip() for t in topics.samples()["all"][0]}
+    assert texts and not labeled & {t.strip() for t in texts}
+    assert {w for t in texts for w in t.split()} <= set("he she they friend neighbour wise fool truth learn "
+                                                        "virtue".split())
+    topics.setup()
+    assert len(topics.train_set) == len(topics.labeled_set) + len(texts)  # all of them join the transfer set
+
+
 def test_language_model_data_predicts_the_next_token_and_masks_padding(tmp_path, monkeypatch):
     monkeypatch.setenv("KDPIPE_CACHE_DIR", str(tmp_path / "cache"))
     docs = ["cpu", *(t for t, _ in topic_texts(19))]
