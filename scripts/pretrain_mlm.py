@@ -102,13 +102,6 @@ def main() -> None:
     if (args.out is None) == (args.write_corpus is None):
         ap.error("give --out DIR to pretrain, or --write-corpus FILE to write the corpus only")
 
-    from transformers import (
-        BertConfig,
-        BertForMaskedLM,
-        DataCollatorForLanguageModeling,
-        PreTrainedTokenizerFast,
-    )
-
     torch.manual_seed(args.seed)
     if args.task:
         texts = task_corpus(args.task, args)
@@ -122,6 +115,13 @@ def main() -> None:
         args.write_corpus.write_text("".join(lines))
         print(f"wrote {len(texts)} texts to {args.write_corpus}: data.unlabeled={args.write_corpus}")
         return
+    from transformers import (
+        BertConfig,
+        BertForMaskedLM,
+        DataCollatorForLanguageModeling,
+        PreTrainedTokenizerFast,
+    )
+
     random.Random(args.seed).shuffle(texts)
     n_val = max(1, len(texts) // 20)
     val_texts, train_texts = texts[:n_val], texts[n_val:]

@@ -7,6 +7,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -245,9 +247,6 @@ def test_fortunes_are_read_from_their_files_and_a_missing_package_names_the_inst
 def test_the_mlm_corpus_is_written_as_a_transfer_set_without_the_topic_tasks_texts(tmp_path, monkeypatch):
     """`pretrain_mlm.py --write-corpus`: the unlabeled fortunes the topic probes use as data.unlabeled,
     with no text of the topic task in it, read back by the topic task as its transfer set."""
-    import subprocess
-    import sys
-
     monkeypatch.setenv("KDPIPE_CACHE_DIR", str(tmp_path / "cache"))
     fake_fortunes(tmp_path / "fortunes")
     (tmp_path / "fortunes" / "people").write_text(  # a topic text copied into another category is dropped
