@@ -32,14 +32,15 @@ ARGS = ["data=synthetic", "trainer.max_epochs=1", "trainer.enable_progress_bar=f
         "export.onnx=false"]
 
 
-def kill_chain(root: Path, sig: str, args: list[str] = ARGS) -> list[tuple[str, int, str, float]]:
-    """Kill the same command at each of `POINTS` in turn, then let it finish, in `root` (its own
+def kill_chain(root: Path, sig: str, args: list[str] = ARGS,
+               points: list[str] = POINTS) -> list[tuple[str, int, str, float]]:
+    """Kill the same command at each of `points` in turn, then let it finish, in `root` (its own
     store and lock folder). Returns (point, exit code, stderr, seconds) per job."""
     root.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
            "KDPIPE_LOCK_DIR": str(root / "locks"), "PYTHONPATH": str(REPO)}
     results = []
-    for point in [*POINTS, None]:
+    for point in [*points, None]:
         env["KDPIPE_FAULT_INJECT"] = f"{point}:{sig}" if point else ""
         start = time.perf_counter()
         res = subprocess.run([sys.executable, "-m", "kdpipe", *args], cwd=root, env=env, capture_output=True,
@@ -64,9 +65,12 @@ def computed_stages(runs) -> dict[str, int]:
     return {s: sum(1 for r in runs if r[2] == s and r[0] == "FINISHED" and r[3] is None) for s in TRAINED}
 
 
-def run_both(root: Path) -> dict[str, tuple[Path, list]]:
+def run_both(root: Path, points: dict[str, list[str]] | None = None) -> dict[str, tuple[Path, list]]:
+    """Both chains at once, each killed at `points[signal]` (default: every point)."""
+    points = points or {}
     with ThreadPoolExecutor(2) as pool:
-        futures = {sig: pool.submit(kill_chain, root / sig, sig) for sig in ("SIGKILL", "SIGTERM")}
+        futures = {sig: pool.submit(kill_chain, root / sig, sig, ARGS, points.get(sig, POINTS))
+                   for sig in ("SIGKILL", "SIGTERM")}
         return {sig: (root / sig, f.result()) for sig, f in futures.items()}
 
 

@@ -62,6 +62,22 @@ def make_cfg(overrides: list[str]):
         return compose("config", overrides=[*FAST, *overrides])
 
 
+def run_job(overrides: list[str], workdir: Path, fast: bool = True) -> dict[str, float]:
+    """Compose (after FAST unless `fast` is false), validate and run a pipeline in this process, as
+    `kdpipe` does after Hydra: for tests of what the stages do, without a process's 10 s of imports.
+    Tests of the command itself (exit codes, one-line errors, signals, Hydra's folders) use `run_cli`."""
+    from kdpipe.config import validate
+    from kdpipe.pipeline import run_pipeline
+
+    if fast:
+        cfg = make_cfg(overrides)
+    else:
+        with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
+            cfg = compose("config", overrides=overrides)
+    validate(cfg)
+    return run_pipeline(cfg, workdir)
+
+
 def run_cli(args: list[str], cwd: Path, env_extra: dict | None = None,
             timeout: int = 300) -> subprocess.CompletedProcess:
     """Run the real `kdpipe` command (`python -m kdpipe`) in a subprocess."""

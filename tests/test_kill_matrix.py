@@ -18,11 +18,16 @@ from scripts.bench_faults import POINTS, computed_stages, run_both, store_runs
 # busy cores): the hang guard is 15 minutes.
 pytestmark = [pytest.mark.xdist_group("kill_matrix"), pytest.mark.timeout(900)]
 
+# SIGKILL at every point: nothing runs after it, so each point is its own case of what a rerun must
+# find. SIGTERM goes through one handler wherever it lands; here before any stage, between stages and
+# during the final logging (scripts/bench_faults.py kills at every point for both signals).
+KILLED_AT = {"SIGKILL": POINTS, "SIGTERM": ["stage-teacher", "stage-prune", "log-model"]}
+
 
 @pytest.fixture(scope="module")
 def chains(tmp_path_factory):
     """Both chains at once (one per signal, each on its own store): they share nothing."""
-    return run_both(tmp_path_factory.mktemp("kill"))
+    return run_both(tmp_path_factory.mktemp("kill"), KILLED_AT)
 
 
 @pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
@@ -40,7 +45,7 @@ def test_killed_at_every_stage_then_run_again_finishes_with_nothing_recomputed_o
     assert [r for r in runs if r[0] == "RUNNING"] == []
     assert {r[0] for r in runs} <= {"FINISHED", "KILLED"}
     pipelines = sorted(r[0] for r in runs if r[1] == "pipeline")
-    assert pipelines == ["FINISHED"] + ["KILLED"] * len(POINTS)
+    assert pipelines == ["FINISHED"] + ["KILLED"] * len(KILLED_AT[sig])
     # each stage was computed once, by the first job that got past its start, and reused after
     assert computed_stages(runs) == {"teacher": 1, "distill": 1, "prune": 1, "quantize": 1}
     # the last job (after a kill during the final logging) reused every trained stage

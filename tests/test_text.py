@@ -22,7 +22,7 @@ from kdpipe.losses import DistillOutputs, ForwardKL, GeneralizedJSD, ReverseKL, 
 from kdpipe.losses.token import log_probs, topk_logits
 from kdpipe.models import causal_lm, transformer_classifier
 
-from .conftest import run_cli, stage_runs
+from .conftest import run_cli, run_job, stage_runs
 
 WORDS = {0: "cpu kernel compiler byte cache thread socket", 1: "senate vote law election party court",
          2: "atom quantum cell gene orbit physics"}
@@ -360,20 +360,21 @@ def test_a_text_classifier_runs_every_stage_and_logs_them(store, tmp_path):
     assert pruned["model/flops"] < 0.8 * distill["model/flops"]
 
 
-def language_model_pipeline(tmp_path, documents: int, *overrides: str) -> dict:
-    """The real kdpipe command on a small corpus with a causal LM teacher and student: the stage
-    runs by stage."""
+def language_model_pipeline(tmp_path, monkeypatch, documents: int, *overrides: str) -> dict:
+    """The pipeline (in this process) on a small corpus with a causal LM teacher and student: the
+    stage runs by stage."""
     (tmp_path / "corpus.txt").write_text("\n\n".join(t for t, _ in topic_texts(documents)))
-    cmd = ["data=text_lm", f"data.path={tmp_path / 'corpus.txt'}", "teacher=causal_lm",
-           "student=causal_lm_small", "prune=none", *overrides, *TEXT_FAST]
-    proc = run_cli(cmd, tmp_path, {"KDPIPE_CACHE_DIR": str(tmp_path / "cache")}, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    monkeypatch.setenv("KDPIPE_CACHE_DIR", str(tmp_path / "cache"))
+    run_job(["data=text_lm", f"data.path={tmp_path / 'corpus.txt'}", "teacher=causal_lm",
+             "student=causal_lm_small", "prune=none", *overrides, *TEXT_FAST], tmp_path / "job", fast=False)
     return {r.data.tags.get("kdpipe.stage"): r for r in stage_runs()}
 
 
-def test_a_causal_language_model_is_distilled_token_by_token_and_logs_perplexity(store, tmp_path):
-    runs = language_model_pipeline(tmp_path, 120, "distill=lm_jsd", "distill.scheme.cache_topk=8",
-                                   "quantize=dynamic", "prune=structured", "prune.sparsity=0.5")
+def test_a_causal_language_model_is_distilled_token_by_token_and_logs_perplexity(store, tmp_path,
+                                                                                  monkeypatch):
+    runs = language_model_pipeline(tmp_path, monkeypatch, 120, "distill=lm_jsd",
+                                   "distill.scheme.cache_topk=8", "quantize=dynamic", "prune=structured",
+                                   "prune.sparsity=0.5")
     distill = runs["distill"]
     assert distill.data.tags["kdpipe.teacher_cache"] == "computed"
     assert "train/loss_div" in distill.data.metrics and "val/ppl" in distill.data.metrics
@@ -447,19 +448,18 @@ def fake_fortunes(root) -> None:
         write(root / lang / "file", vocab)
 
 
-def test_one_student_learns_two_tasks_from_one_teacher_each_and_logs_both(store, tmp_path):
+def test_one_student_learns_two_tasks_from_one_teacher_each_and_logs_both(store, tmp_path, monkeypatch):
     fake_fortunes(tmp_path / "fortunes")
     teacher = [f"teacher.model.teachers.{t}.{k}={v}" for t in ("topics", "language")
                for k, v in (("layers", 1), ("width", 32), ("heads", 2))]
-    proc = run_cli(["data=fortunes_multitask", "data.max_length=10", "data.vocab_size=300",
-                    "teacher=multitask", "student=multitask_small", "student.model.body.width=16",
-                    "student.model.body.layers=1", "prune=none", "quantize=dynamic",
-                    "optim=adamw_transformer", "optim.lr=0.003", "trainer.max_epochs=3",
-                    "trainer.enable_progress_bar=false",
-                    "eval.latency_iters=5", "eval.latency_warmup=1", *teacher], tmp_path,
-                   {"KDPIPE_CACHE_DIR": str(tmp_path / "cache"),
-                    "KDPIPE_FORTUNES_DIR": str(tmp_path / "fortunes")}, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    monkeypatch.setenv("KDPIPE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("KDPIPE_FORTUNES_DIR", str(tmp_path / "fortunes"))
+    run_job(["data=fortunes_multitask", "data.max_length=10", "data.vocab_size=300",
+             "teacher=multitask", "student=multitask_small", "student.model.body.width=16",
+             "student.model.body.layers=1", "prune=none", "quantize=dynamic",
+             "optim=adamw_transformer", "optim.lr=0.003", "trainer.max_epochs=3",
+             "trainer.enable_progress_bar=false",
+             "eval.latency_iters=5", "eval.latency_warmup=1", *teacher], tmp_path / "job", fast=False)
     runs = {r.data.tags.get("kdpipe.stage"): r for r in stage_runs()}
     for stage in ("teacher", "distill"):
         m = runs[stage].data.metrics
@@ -501,7 +501,7 @@ def test_layer_map_terms_match_transformers_of_other_depths_and_widths(build, st
         AttentionRelation({"encoder.layer.9": teacher_layer}).setup(student, teacher, x)
 
 
-def test_sequence_level_kd_trains_on_the_teachers_own_continuations(store, tmp_path):
+def test_sequence_level_kd_trains_on_the_teachers_own_continuations(store, tmp_path, monkeypatch):
     from kdpipe.distill.sequence import generate
 
     torch.manual_seed(0)
@@ -515,8 +515,8 @@ def test_sequence_level_kd_trains_on_the_teachers_own_continuations(store, tmp_p
         for t in range(3, 8):
             live = gy[:, t - 1] != UNLABELED
             assert torch.equal(teacher(gx[:, :t])[:, -1].argmax(-1)[live], gy[live, t - 1])
-    runs = language_model_pipeline(tmp_path, 80, "distill=sequence_kd", "distill.scheme.prefix_tokens=3",
-                                   "quantize=none")
+    runs = language_model_pipeline(tmp_path, monkeypatch, 80, "distill=sequence_kd",
+                                   "distill.scheme.prefix_tokens=3", "quantize=none")
     assert runs["distill"].data.tags["kdpipe.sequences"] == "computed"
     stored = [f.path for f in MlflowClient().list_artifacts(runs["teacher"].info.run_id, "synthetic")]
     assert len(stored) == 1 and stored[0].startswith("synthetic/sequences_")
