@@ -14,7 +14,7 @@ from kdpipe.datafree.deepinversion import BatchNormStatistics, synthesize_batch
 from kdpipe.errors import ConfigError
 from kdpipe.models import cnn, mlp
 
-from .conftest import FAST, make_cfg, run_cli, run_job, stage_runs
+from .conftest import make_cfg, run_job, stage_runs
 
 
 def trained_teacher():
@@ -106,10 +106,9 @@ def test_the_transfer_set_is_synthesised_once_and_reused_by_the_next_job(store, 
 def test_with_data_augment_the_teacher_scores_each_augmented_view_live(store, tmp_path):
     """data.augment replaces the scheme's augment; the teacher's logits are then never taken from a cache
     (DistillationModule refuses an augmented batch that carries them)."""
-    res = run_cli([*FAST, "distill=deepinversion", "distill.scheme.num_images=64",
-                   "distill.scheme.batch_size=32", "distill.scheme.steps=5", "distill.scheme.augment=[]",
-                   "data.augment=[flip]", "prune=none", "quantize=none"], tmp_path)
-    assert res.returncode == 0, res.stderr[-2000:]
+    run_job(["distill=deepinversion", "distill.scheme.num_images=64",
+             "distill.scheme.batch_size=32", "distill.scheme.steps=5", "distill.scheme.augment=[]",
+             "data.augment=[flip]", "prune=none", "quantize=none"], tmp_path / "job")
 
 
 def test_an_augmented_batch_with_cached_teacher_outputs_is_refused():
@@ -141,10 +140,8 @@ def test_the_generator_makes_standardised_inputs_of_the_data_shape(shape):
 
 
 def test_adversarial_data_free_kd_trains_a_student_from_no_image_and_logs_both_losses(store, tmp_path):
-    res = run_cli([*FAST, "distill=data_free", "distill.scheme.steps_per_epoch=10",
-                   "distill.scheme.batch_size=64", "trainer.max_epochs=4", "prune=none", "quantize=none"],
-                  tmp_path)
-    assert res.returncode == 0, res.stderr[-2000:]
+    run_job(["distill=data_free", "distill.scheme.steps_per_epoch=10", "distill.scheme.batch_size=64",
+             "trainer.max_epochs=4", "prune=none", "quantize=none"], tmp_path / "job")
     runs = stage_runs()
     distill = next(r for r in runs if r.data.tags.get("kdpipe.stage") == "distill")
     m = distill.data.metrics

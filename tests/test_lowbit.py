@@ -11,7 +11,7 @@ from kdpipe.compress import lowbit
 from kdpipe.models import cnn
 from kdpipe.models.io import load_model, save_model
 
-from .conftest import FAST, run_cli, stage_runs
+from .conftest import run_job, stage_runs
 
 ARCH = {"_target_": "kdpipe.models.cnn", "in_shape": [1, 8, 8], "num_classes": 4, "width": 8, "depth": 2}
 
@@ -78,8 +78,7 @@ def test_a_trained_low_bit_model_round_trips_through_its_file(fmt, tmp_path):
 
 
 def test_the_pipeline_ships_a_clustered_model_and_evaluates_what_the_stage_measured(store, tmp_path):
-    res = run_cli([*FAST, "prune=none", "quantize=kmeans", "quantize.bits=3", "quantize.epochs=1"], tmp_path)
-    assert res.returncode == 0, res.stderr[-2000:]
+    run_job(["prune=none", "quantize=kmeans", "quantize.bits=3", "quantize.epochs=1"], tmp_path / "job")
     runs = stage_runs()
     quant = next(r for r in runs if r.data.tags.get("kdpipe.stage") == "quantize")
     parent = next(r for r in runs if r.data.tags.get("kdpipe.run_type") == "pipeline")
