@@ -1,9 +1,10 @@
-"""The kill matrix: the real `kdpipe` command killed (SIGKILL, SIGTERM) at the start of every
-stage and during the final model logging, then the same command again. Each rerun must find
-what the killed job left, and the last one must finish with every stage computed exactly once
-and no run left RUNNING. The kill lands where it is meant to through `KDPIPE_FAULT_INJECT`:
-the process sends itself the real signal at that point (kdpipe/faults.py `fault_point`). The
-chains are those of scripts/bench_faults.py, which reports the same numbers as a table."""
+"""The kill matrix: the real `kdpipe` command killed (SIGKILL) at the start of every stage and
+during the final model logging, or (SIGTERM) at three of those points, then the same command again.
+Each rerun must find what the killed job left, and the last one must finish with every stage
+computed exactly once and no run left RUNNING. The kill lands where it is meant to through
+`KDPIPE_FAULT_INJECT`: the process sends itself the real signal at that point (kdpipe/faults.py
+`fault_point`). The chains are those of scripts/bench_faults.py, which kills at every point for both
+signals and reports the numbers as a table."""
 
 from __future__ import annotations
 
