@@ -48,6 +48,19 @@ def use_store(monkeypatch: pytest.MonkeyPatch, root: Path) -> str:
     return uri
 
 
+@pytest.fixture(autouse=True)
+def _tracking_uri_stays_with_its_test():
+    """`mlflow.set_tracking_uri` also writes MLFLOW_TRACKING_URI into os.environ (MLflow 3): without
+    this, one test's store or server (gone by then) would be the next test's in this worker, and that
+    of every kdpipe process it starts."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 @pytest.fixture
 def store(tmp_path, monkeypatch):
     """A fresh tracking store; the test runs inside its directory."""
