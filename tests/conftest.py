@@ -70,9 +70,10 @@ def store(tmp_path, monkeypatch):
         mlflow.end_run()
 
 
-def make_cfg(overrides: list[str]):
+def make_cfg(overrides: list[str], fast: bool = True):
+    """The composed config of `kdpipe <overrides>`, after FAST unless `fast` is false."""
     with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
-        return compose("config", overrides=[*FAST, *overrides])
+        return compose("config", overrides=[*(FAST if fast else []), *overrides])
 
 
 def run_job(overrides: list[str], workdir: Path, fast: bool = True) -> dict[str, float]:
@@ -82,11 +83,7 @@ def run_job(overrides: list[str], workdir: Path, fast: bool = True) -> dict[str,
     from kdpipe.config import validate
     from kdpipe.pipeline import run_pipeline
 
-    if fast:
-        cfg = make_cfg(overrides)
-    else:
-        with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
-            cfg = compose("config", overrides=overrides)
+    cfg = make_cfg(overrides, fast)
     validate(cfg)
     return run_pipeline(cfg, workdir)
 

@@ -10,13 +10,11 @@ import mlflow
 import onnx
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from kdpipe.cli import CONFIG_PATH
 from kdpipe.compress import target
 from kdpipe.compress.budget import (
     back_off,
@@ -34,7 +32,7 @@ from kdpipe.errors import ConfigError
 from kdpipe.export import export_onnx
 from kdpipe.metrics.measure import onnx_logits
 
-from .conftest import FAST, run_job, stage_runs
+from .conftest import make_cfg, run_job, stage_runs
 
 
 def accuracy(path, loader) -> float:
@@ -158,9 +156,8 @@ def test_the_quantize_stage_meets_a_budget_and_logs_sensitivity_and_decisions(st
 
 
 def test_a_budget_against_the_teacher_needs_a_teacher():
-    with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
-        cfg = compose("config", overrides=["teacher=none", "distill=none", "compress.max_acc_drop=1",
-                                           "compress.reference=teacher"])
+    cfg = make_cfg(["teacher=none", "distill=none", "compress.max_acc_drop=1", "compress.reference=teacher"],
+                   fast=False)
     with pytest.raises(ConfigError, match="compress.reference=teacher, but this pipeline has no teacher"):
         validate(cfg)
 
@@ -271,9 +268,5 @@ def test_the_prune_stage_plans_widths_by_sensitivity_and_logs_the_plan(store, tm
     plan = json.loads(open(local).read())
     assert {row["layer"] for row in plan} == {"features.0.0", "features.1.0", "features.2.0"}
     with pytest.raises(ConfigError, match="needs prune=structured"):
-        validate(OmegaConf.merge(compose_cfg(["prune=magnitude", "compress.allocation=sensitivity"])))
+        validate(make_cfg(["prune=magnitude", "compress.allocation=sensitivity"]))
 
-
-def compose_cfg(overrides):
-    with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
-        return compose("config", overrides=[*FAST, *overrides])
